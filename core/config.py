@@ -1,0 +1,207 @@
+"""Default configuration, with Dassl's key names.
+
+Every key a recipe may set is defined here (or by a trainer module's
+``extend_cfg``) with a comment saying what it does. Merging a YAML file or
+``KEY VALUE`` pairs that name an undefined key is an error.
+"""
+from __future__ import annotations
+
+import os
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from .errors import UserError
+
+_C = CN()
+_C.VERSION = 1
+# Folder for the log, results.json and checkpoints of one run.
+_C.OUTPUT_DIR = "./output"
+# Folder of an earlier run to resume from (its checkpoints are read); empty = none.
+_C.RESUME = ""
+# Random seed for sampling, initialization and data order; negative = do not seed.
+_C.SEED = -1
+# Where models run: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
+_C.DEVICE = "auto"
+# Print the merged config and other details at start-up.
+_C.VERBOSE = True
+
+###########################
+# Input
+###########################
+_C.INPUT = CN()
+# Image size (height, width) fed to the image encoder; empty = the backbone's own size.
+_C.INPUT.SIZE = ()
+# Resampling for resizing: bilinear, bicubic or nearest.
+_C.INPUT.INTERPOLATION = "bicubic"
+# Training transforms, applied in order; test always does resize, center crop, normalize.
+_C.INPUT.TRANSFORMS = ("random_resized_crop", "random_flip", "normalize")
+# Skip all transforms except tensor conversion.
+_C.INPUT.NO_TRANSFORM = False
+# Normalization mean and std per channel; empty = the backbone's preprocessing config.
+_C.INPUT.PIXEL_MEAN = ()
+_C.INPUT.PIXEL_STD = ()
+# Scale range of random_resized_crop (fraction of the image area).
+_C.INPUT.RRCROP_SCALE = (0.08, 1.0)
+
+###########################
+# Dataset
+###########################
+_C.DATASET = CN()
+# Folder holding one sub-folder per dataset (see datasets/catalog.py for the layout).
+_C.DATASET.ROOT = ""
+# Registered dataset name, e.g. ODIR or demo.
+_C.DATASET.NAME = ""
+# Images per class sampled for training (few-shot); -1 = all training images.
+_C.DATASET.NUM_SHOTS = -1
+# Which classes to use: all, base (first half of the sorted labels) or new (second half).
+_C.DATASET.SUBSAMPLE_CLASSES = "all"
+# Folder of {classname: [descriptions]} files named <dataset>.json; relative paths start at the project folder.
+_C.DATASET.DESCRIPTIONS_DIR = "llm_descriptions"
+
+###########################
+# Data loaders
+###########################
+_C.DATALOADER = CN()
+# Worker processes per loader (0 = load in the main process).
+_C.DATALOADER.NUM_WORKERS = 4
+_C.DATALOADER.TRAIN_X = CN()
+# Sampler for the labelled training set: RandomSampler or SequentialSampler.
+_C.DATALOADER.TRAIN_X.SAMPLER = "RandomSampler"
+# Batch size for training.
+_C.DATALOADER.TRAIN_X.BATCH_SIZE = 32
+_C.DATALOADER.TEST = CN()
+# Sampler for val/test sets.
+_C.DATALOADER.TEST.SAMPLER = "SequentialSampler"
+# Batch size for evaluation.
+_C.DATALOADER.TEST.BATCH_SIZE = 100
+
+###########################
+# Model
+###########################
+_C.MODEL = CN()
+# A checkpoint file whose tensors initialize the model's learnable parameters; empty = none.
+_C.MODEL.INIT_WEIGHTS = ""
+_C.MODEL.BACKBONE = CN()
+# Backbone: alias (tiny-clip, biomedclip, pmc-clip, ViT-B/16, ...), open_clip model name,
+# hf-hub:<repo id>, or a local folder holding open_clip_config.json and weights.
+_C.MODEL.BACKBONE.NAME = "tiny-clip"
+# open_clip pretrained tag or weights file for a plain open_clip model name; empty = the alias default.
+_C.MODEL.BACKBONE.PRETRAINED = ""
+# Folder for downloaded weights (open_clip/Hugging Face cache); empty = their default cache.
+_C.MODEL.BACKBONE.CACHE_DIR = ""
+
+###########################
+# Optimization
+###########################
+_C.OPTIM = CN()
+# Optimizer: sgd, adam or adamw.
+_C.OPTIM.NAME = "sgd"
+# Base learning rate.
+_C.OPTIM.LR = 0.002
+# Weight decay (L2 for sgd/adam, decoupled for adamw).
+_C.OPTIM.WEIGHT_DECAY = 5e-4
+# SGD momentum, dampening and Nesterov switch.
+_C.OPTIM.MOMENTUM = 0.9
+_C.OPTIM.SGD_DAMPNING = 0.0
+_C.OPTIM.SGD_NESTEROV = False
+# Adam/AdamW betas.
+_C.OPTIM.ADAM_BETA1 = 0.9
+_C.OPTIM.ADAM_BETA2 = 0.999
+# Learning-rate schedule: cosine, single_step, multi_step or constant.
+_C.OPTIM.LR_SCHEDULER = "single_step"
+# Step size(s) in epochs for single_step (int) and multi_step (list); -1 or empty = never.
+_C.OPTIM.STEPSIZE = (-1,)
+# Multiplicative decay at each step.
+_C.OPTIM.GAMMA = 0.1
+# Number of training epochs.
+_C.OPTIM.MAX_EPOCH = 10
+# Warm-up epochs before the schedule starts (0 = none).
+_C.OPTIM.WARMUP_EPOCH = 0
+# Warm-up type: constant (fixed WARMUP_CONS_LR) or linear (from WARMUP_MIN_LR up to LR).
+_C.OPTIM.WARMUP_TYPE = "linear"
+_C.OPTIM.WARMUP_CONS_LR = 1e-5
+_C.OPTIM.WARMUP_MIN_LR = 1e-5
+# Restart the schedule's epoch count after warm-up (Dassl's behaviour when True).
+_C.OPTIM.WARMUP_RECOUNT = True
+
+###########################
+# Training
+###########################
+_C.TRAIN = CN()
+# Save a checkpoint every this many epochs (0 = only the last epoch).
+_C.TRAIN.CHECKPOINT_FREQ = 0
+# Log every this many batches.
+_C.TRAIN.PRINT_FREQ = 10
+
+###########################
+# Testing
+###########################
+_C.TEST = CN()
+# Evaluator registered in core.evaluation.
+_C.TEST.EVALUATOR = "Classification"
+# Report per-class accuracy in the log and results.json.
+_C.TEST.PER_CLASS_RESULT = False
+# Compute and save the confusion matrix (cmat.json beside results.json).
+_C.TEST.COMPUTE_CMAT = False
+# Skip evaluation after training.
+_C.TEST.NO_TEST = False
+# Split evaluated: test or val.
+_C.TEST.SPLIT = "test"
+# Which weights are evaluated after training: last_step.
+_C.TEST.FINAL_MODEL = "last_step"
+
+###########################
+# Trainer
+###########################
+_C.TRAINER = CN()
+# Registered trainer name (see `python train.py --list`).
+_C.TRAINER.NAME = ""
+
+
+def get_cfg_default():
+    return _C.clone()
+
+
+def _check_value_type(key, value, default):
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise UserError(f"config key {key} takes true/false, not {value!r}")
+
+
+def merge_from_file(cfg, path):
+    """Merge a YAML file, naming the file and key in any error."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
+    try:
+        cfg.merge_from_other_cfg(CN(loaded))
+    except KeyError as e:
+        key = str(e).strip("'\"")
+        raise UserError(f"config file {path}: {key} (check the spelling against core/config.py and the trainer's extend_cfg)") from None
+    except ValueError as e:
+        raise UserError(f"config file {path}: {e}") from None
+
+
+def merge_from_list(cfg, opts):
+    """Merge trailing ``KEY VALUE`` pairs from the command line."""
+    if len(opts) % 2:
+        raise UserError(f"config overrides must be KEY VALUE pairs; '{opts[-1]}' has no value")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, CN) or part not in node:
+                raise UserError(f"unknown config key {key}")
+            node = node[part]
+        if not isinstance(node, CN) or parts[-1] not in node:
+            raise UserError(f"unknown config key {key}")
+    try:
+        cfg.merge_from_list(list(opts))
+    except (ValueError, AssertionError, KeyError) as e:
+        raise UserError(f"bad config override: {e}") from None

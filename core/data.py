@@ -1,0 +1,316 @@
+"""Datasets, transforms and loaders with Dassl's names and semantics."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import warnings
+from collections import defaultdict
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from .errors import UserError
+from .registry import Registry
+from .utils import logger, write_json_atomic
+
+DATASET_REGISTRY = Registry("dataset")
+
+
+class Datum:
+    """One sample: image path, label, domain and class name."""
+
+    __slots__ = ("impath", "label", "domain", "classname")
+
+    def __init__(self, impath="", label=0, domain=0, classname=""):
+        self.impath = impath
+        self.label = int(label)
+        self.domain = int(domain)
+        self.classname = classname
+
+    def __repr__(self):
+        return f"Datum({self.impath!r}, label={self.label}, classname={self.classname!r})"
+
+
+class DatasetBase:
+    """Holds the train/val/test lists of :class:`Datum` and their class names."""
+
+    dataset_dir = ""
+
+    def __init__(self, train_x=None, train_u=None, val=None, test=None, classnames=None):
+        self._train_x = train_x or []
+        self._train_u = train_u
+        self._val = val or []
+        self._test = test or []
+        if classnames is None:
+            self._lab2cname, self._classnames = self.get_lab2cname(self._train_x + self._val + self._test)
+        else:
+            self._classnames = list(classnames)
+            self._lab2cname = dict(enumerate(self._classnames))
+        self._num_classes = len(self._classnames)
+
+    @property
+    def train_x(self):
+        return self._train_x
+
+    @property
+    def train_u(self):
+        return self._train_u
+
+    @property
+    def val(self):
+        return self._val
+
+    @property
+    def test(self):
+        return self._test
+
+    @property
+    def lab2cname(self):
+        return self._lab2cname
+
+    @property
+    def classnames(self):
+        return self._classnames
+
+    @property
+    def num_classes(self):
+        return self._num_classes
+
+    @staticmethod
+    def get_num_classes(data_source):
+        return max(item.label for item in data_source) + 1
+
+    @staticmethod
+    def get_lab2cname(data_source):
+        mapping = {item.label: item.classname for item in data_source}
+        labels = sorted(mapping)
+        return mapping, [mapping[label] for label in labels]
+
+    @staticmethod
+    def split_dataset_by_label(data_source):
+        output = defaultdict(list)
+        for item in data_source:
+            output[item.label].append(item)
+        return output
+
+    def generate_fewshot_dataset(self, *data_sources, num_shots=-1, repeat=False, seed=None):
+        """Sample ``num_shots`` items per class from each data source.
+
+        Sampling uses its own generator seeded with ``seed`` so that the same
+        seed gives the same subset whatever else consumed random numbers.
+        """
+        if num_shots < 1:
+            return data_sources[0] if len(data_sources) == 1 else data_sources
+        rng = random.Random(seed)
+        output = []
+        for data_source in data_sources:
+            by_label = self.split_dataset_by_label(data_source)
+            sampled = []
+            for label in sorted(by_label):
+                items = by_label[label]
+                if len(items) >= num_shots:
+                    sampled.extend(rng.sample(items, num_shots))
+                elif repeat:
+                    sampled.extend(rng.choices(items, k=num_shots))
+                else:
+                    sampled.extend(items)
+            output.append(sampled)
+        return output[0] if len(output) == 1 else output
+
+    @staticmethod
+    def subsample_classes(*args, subsample="all"):
+        """Keep the base (first ceil(n/2) sorted labels) or new classes, relabelled from 0."""
+        subsample = subsample.lower()
+        if subsample not in ("all", "base", "new"):
+            raise UserError(f"DATASET.SUBSAMPLE_CLASSES must be all, base or new, not '{subsample}'")
+        if subsample == "all":
+            return args
+        labels = sorted({item.label for dataset in args for item in dataset})
+        if len(labels) < 4:
+            warnings.warn(
+                f"base-to-new split of a dataset with {len(labels)} classes is degenerate "
+                f"(base and new hold {math.ceil(len(labels) / 2)} and {len(labels) // 2} class(es))",
+                stacklevel=2,
+            )
+        m = math.ceil(len(labels) / 2)
+        selected = labels[:m] if subsample == "base" else labels[m:]
+        relabeler = {y: i for i, y in enumerate(selected)}
+        output = []
+        for dataset in args:
+            output.append([
+                Datum(item.impath, relabeler[item.label], item.domain, item.classname)
+                for item in dataset if item.label in relabeler
+            ])
+        return output
+
+
+def subsample_classnames(classnames, subsample):
+    """The class names a base/new/all subsample keeps, in their new label order."""
+    n = len(classnames)
+    m = math.ceil(n / 2)
+    subsample = subsample.lower()
+    if subsample == "base":
+        return list(classnames[:m])
+    if subsample == "new":
+        return list(classnames[m:])
+    return list(classnames)
+
+
+def load_or_sample_fewshot(dataset, path, train, val, num_shots, seed):
+    """Few-shot train/val lists, cached as JSON (relative paths) at ``path``.
+
+    The cache is written atomically, so two runs racing on the same file
+    both end with a complete file; sampling is deterministic per seed, so
+    both write the same content.
+    """
+    root = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                cached = json.load(f)
+            base = os.path.join(root, cached["image_root"])
+            to_datum = lambda rows: [Datum(os.path.join(base, p), y, 0, c) for p, y, c in rows]
+            return to_datum(cached["train"]), to_datum(cached["val"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            logger.info(f"few-shot cache {path} is unreadable; sampling again")
+    train_fs = dataset.generate_fewshot_dataset(train, num_shots=num_shots, seed=seed)
+    val_fs = dataset.generate_fewshot_dataset(val, num_shots=min(num_shots, 4), seed=seed)
+    image_root = os.path.commonpath([os.path.dirname(d.impath) for d in train_fs + val_fs] or [root])
+    rel = lambda items: [[os.path.relpath(d.impath, image_root), d.label, d.classname] for d in items]
+    try:
+        write_json_atomic(path, {
+            "num_shots": num_shots, "seed": seed,
+            "image_root": os.path.relpath(image_root, root),
+            "train": rel(train_fs), "val": rel(val_fs),
+        }, indent=None)
+        logger.info(f"saved few-shot split to {path}")
+    except OSError as e:
+        logger.info(f"could not cache the few-shot split at {path} ({e}); continuing without cache")
+    return train_fs, val_fs
+
+
+INTERPOLATIONS = {
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+def build_transform(cfg, is_train=True):
+    """Dassl's transforms: train = random resized crop, flip, normalize; test = resize, center crop, normalize."""
+    if cfg.INPUT.INTERPOLATION not in INTERPOLATIONS:
+        raise UserError(f"INPUT.INTERPOLATION must be one of {', '.join(INTERPOLATIONS)}, not '{cfg.INPUT.INTERPOLATION}'")
+    interp = INTERPOLATIONS[cfg.INPUT.INTERPOLATION]
+    size = tuple(cfg.INPUT.SIZE)
+    if len(size) != 2:
+        raise UserError(f"INPUT.SIZE must be (height, width), not {size}")
+    to_rgb = T.Lambda(lambda im: im.convert("RGB"))
+    if cfg.INPUT.NO_TRANSFORM:
+        return T.Compose([to_rgb, T.Resize(size, interpolation=interp), T.ToTensor()])
+    normalize = T.Normalize(mean=list(cfg.INPUT.PIXEL_MEAN), std=list(cfg.INPUT.PIXEL_STD))
+    known = {"random_resized_crop", "random_flip", "center_crop", "normalize"}
+    unknown = [t for t in cfg.INPUT.TRANSFORMS if t not in known]
+    if unknown:
+        raise UserError(f"unknown INPUT.TRANSFORMS {unknown}; available: {', '.join(sorted(known))}")
+    if not is_train:
+        steps = [to_rgb, T.Resize(max(size), interpolation=interp), T.CenterCrop(size), T.ToTensor()]
+        return T.Compose(steps + [normalize])
+    steps = [to_rgb]
+    if "random_resized_crop" in cfg.INPUT.TRANSFORMS:
+        steps.append(T.RandomResizedCrop(size, scale=tuple(cfg.INPUT.RRCROP_SCALE), interpolation=interp))
+    else:
+        steps += [T.Resize(max(size), interpolation=interp), T.CenterCrop(size)]
+    if "random_flip" in cfg.INPUT.TRANSFORMS:
+        steps.append(T.RandomHorizontalFlip())
+    steps.append(T.ToTensor())
+    if "normalize" in cfg.INPUT.TRANSFORMS:
+        steps.append(normalize)
+    return T.Compose(steps)
+
+
+def read_image(path):
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image file missing: {path} (restore it or regenerate data_split.json)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}); replace the file or remove its row from data_split.json") from None
+
+
+class DatasetWrapper(Dataset):
+    """Yields Dassl's batch dict: img, label, domain, impath, index."""
+
+    def __init__(self, data_source, transform):
+        self.data_source = data_source
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.data_source)
+
+    def __getitem__(self, idx):
+        item = self.data_source[idx]
+        img = read_image(item.impath)
+        return {
+            "img": self.transform(img),
+            "label": item.label,
+            "domain": item.domain,
+            "impath": item.impath,
+            "index": idx,
+        }
+
+
+def build_data_loader(cfg, data_source, batch_size, transform, is_train):
+    sampler_name = cfg.DATALOADER.TRAIN_X.SAMPLER if is_train else cfg.DATALOADER.TEST.SAMPLER
+    if sampler_name not in ("RandomSampler", "SequentialSampler"):
+        raise UserError(f"unknown sampler '{sampler_name}'; use RandomSampler or SequentialSampler")
+    shuffle = sampler_name == "RandomSampler"
+    return DataLoader(
+        DatasetWrapper(data_source, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        drop_last=is_train and len(data_source) >= batch_size,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+
+
+class DataManager:
+    """Builds the dataset named by ``DATASET.NAME`` and its train/val/test loaders."""
+
+    def __init__(self, cfg, custom_tfm_train=None, custom_tfm_test=None, dataset=None):
+        self.dataset = dataset if dataset is not None else build_dataset(cfg)
+        tfm_train = custom_tfm_train or build_transform(cfg, is_train=True)
+        tfm_test = custom_tfm_test or build_transform(cfg, is_train=False)
+        self.tfm_train, self.tfm_test = tfm_train, tfm_test
+        ds = self.dataset
+        self.train_loader_x = (
+            build_data_loader(cfg, ds.train_x, cfg.DATALOADER.TRAIN_X.BATCH_SIZE, tfm_train, True) if ds.train_x else None
+        )
+        self.val_loader = build_data_loader(cfg, ds.val, cfg.DATALOADER.TEST.BATCH_SIZE, tfm_test, False) if ds.val else None
+        self.test_loader = build_data_loader(cfg, ds.test, cfg.DATALOADER.TEST.BATCH_SIZE, tfm_test, False) if ds.test else None
+        self._num_classes = ds.num_classes
+        self._lab2cname = ds.lab2cname
+        self._classnames = ds.classnames
+
+    @property
+    def num_classes(self):
+        return self._num_classes
+
+    @property
+    def lab2cname(self):
+        return self._lab2cname
+
+    @property
+    def classnames(self):
+        return self._classnames
+
+
+def build_dataset(cfg):
+    return DATASET_REGISTRY.get(cfg.DATASET.NAME)(cfg)

@@ -1,0 +1,360 @@
+"""The training loop, with Dassl's hooks and checkpoint layout.
+
+A trainer subclasses :class:`TrainerX` and overrides only what differs:
+``build_model`` (and ``register_model``), ``forward_backward``, and where
+needed ``build_data_loader``, ``parse_batch_train``/``parse_batch_test``,
+``model_inference``, ``before/after_train`` and ``before/after_epoch``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections import OrderedDict
+
+import torch
+
+from .data import DataManager
+from .errors import UserError
+from .evaluation import build_evaluator
+from .registry import Registry
+from .utils import logger, resolve_device, save_torch_atomic
+
+TRAINER_REGISTRY = Registry("trainer")
+
+CHECKPOINT_POINTER = "checkpoint"
+
+
+class AverageMeter:
+    def __init__(self):
+        self.sum = 0.0
+        self.count = 0
+        self.val = 0.0
+
+    def update(self, val, n=1):
+        self.val = float(val)
+        self.sum += float(val) * n
+        self.count += n
+
+    @property
+    def avg(self):
+        return self.sum / max(self.count, 1)
+
+
+class MetricMeter:
+    def __init__(self):
+        self.meters = OrderedDict()
+
+    def update(self, summary):
+        for k, v in (summary or {}).items():
+            if torch.is_tensor(v):
+                v = v.item()
+            self.meters.setdefault(k, AverageMeter()).update(v)
+
+    def __str__(self):
+        return " ".join(f"{k} {m.val:.4f} ({m.avg:.4f})" for k, m in self.meters.items())
+
+
+def trainable_state_dict(model):
+    """Only the parameters that require gradients: what a prompt checkpoint holds."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return OrderedDict((k, v.detach().cpu().clone()) for k, v in model.state_dict().items() if k in trainable)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); it may be incomplete, rerun the training") from None
+
+
+class TrainerBase:
+    """Model registry, checkpointing and the epoch loop."""
+
+    def __init__(self):
+        self._models = OrderedDict()
+        self._optims = OrderedDict()
+        self._scheds = OrderedDict()
+
+    def register_model(self, name="model", model=None, optim=None, sched=None):
+        if name in self._models:
+            raise KeyError(f"model '{name}' is already registered")
+        self._models[name] = model
+        self._optims[name] = optim
+        self._scheds[name] = sched
+
+    def get_model_names(self, names=None):
+        names_real = list(self._models.keys())
+        if names is not None:
+            names = [names] if isinstance(names, str) else names
+            for name in names:
+                assert name in names_real
+            return names
+        return names_real
+
+    def get_current_lr(self, names=None):
+        name = self.get_model_names(names)[0]
+        return self._optims[name].param_groups[0]["lr"]
+
+    def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
+        """Write ``directory/<name>/model.pth.tar-<epoch>`` atomically for each registered model."""
+        for name in self.get_model_names():
+            optim, sched = self._optims[name], self._scheds[name]
+            checkpoint = {
+                "state_dict": trainable_state_dict(self._models[name]),
+                "epoch": epoch + 1,
+                "optimizer": optim.state_dict() if optim is not None else None,
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "val_result": val_result,
+            }
+            fname = model_name or f"model.pth.tar-{epoch + 1}"
+            model_dir = os.path.join(directory, name)
+            save_torch_atomic(checkpoint, os.path.join(model_dir, fname))
+            with open(os.path.join(model_dir, CHECKPOINT_POINTER), "w", encoding="utf-8") as f:
+                f.write(fname + "\n")
+            logger.info(f"checkpoint saved to {os.path.join(model_dir, fname)}")
+
+    def resume_model_if_exist(self, directory):
+        """Load the latest checkpoint of every model from ``directory``; return the epoch to start at."""
+        pointers = [os.path.join(directory, name, CHECKPOINT_POINTER) for name in self.get_model_names()]
+        if not all(os.path.isfile(p) for p in pointers):
+            return 0
+        start_epoch = 0
+        for name, pointer in zip(self.get_model_names(), pointers):
+            with open(pointer, encoding="utf-8") as f:
+                fname = f.read().strip()
+            checkpoint = load_checkpoint(os.path.join(directory, name, fname))
+            self._load_state(name, checkpoint["state_dict"], os.path.join(directory, name, fname))
+            if self._optims[name] is not None and checkpoint.get("optimizer"):
+                self._optims[name].load_state_dict(checkpoint["optimizer"])
+            if self._scheds[name] is not None and checkpoint.get("scheduler"):
+                self._scheds[name].load_state_dict(checkpoint["scheduler"])
+            start_epoch = checkpoint["epoch"]
+            logger.info(f"resumed {name} from {fname} (next epoch {start_epoch + 1})")
+        return start_epoch
+
+    def _load_state(self, name, state_dict, source):
+        model = self._models[name]
+        own = dict(model.named_parameters())
+        unknown = [k for k in state_dict if k not in own]
+        if unknown:
+            raise UserError(
+                f"checkpoint {source} holds tensors this model does not have ({', '.join(unknown[:3])}); "
+                f"was it written by another trainer or backbone?"
+            )
+        for k, v in state_dict.items():
+            if own[k].shape != v.shape:
+                raise UserError(
+                    f"checkpoint {source}: {k} has shape {tuple(v.shape)} but the model expects "
+                    f"{tuple(own[k].shape)}; use the same trainer settings and backbone as the saved run"
+                )
+        with torch.no_grad():
+            for k, v in state_dict.items():
+                own[k].copy_(v.to(own[k].device, own[k].dtype))
+
+    def load_model(self, directory, epoch=None):
+        """Load saved tensors from a run folder (``--model-dir``), epoch given or the latest."""
+        if not directory:
+            logger.info("load_model() skipped: no model folder given")
+            return
+        for name in self.get_model_names():
+            model_dir = os.path.join(directory, name)
+            if epoch is not None:
+                fname = f"model.pth.tar-{epoch}"
+            else:
+                pointer = os.path.join(model_dir, CHECKPOINT_POINTER)
+                if not os.path.isfile(pointer):
+                    raise UserError(
+                        f"no checkpoint of '{name}' in {directory} (expected {pointer}); "
+                        f"point --model-dir at the output folder of a finished training run of the same trainer"
+                    )
+                with open(pointer, encoding="utf-8") as f:
+                    fname = f.read().strip()
+            path = os.path.join(model_dir, fname)
+            checkpoint = load_checkpoint(path)
+            self._load_state(name, checkpoint["state_dict"], path)
+            logger.info(f"loaded weights of {name} from {path} (epoch {checkpoint.get('epoch')})")
+
+    def set_model_mode(self, mode="train", names=None):
+        for name in self.get_model_names(names):
+            if mode == "train":
+                self._models[name].train()
+            else:
+                self._models[name].eval()
+
+    def update_lr(self, names=None):
+        for name in self.get_model_names(names):
+            if self._scheds[name] is not None:
+                self._scheds[name].step()
+
+    def detect_anomaly(self, loss):
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError("loss is infinite or NaN; lower OPTIM.LR or use PREC fp32")
+
+    def model_zero_grad(self, names=None):
+        for name in self.get_model_names(names):
+            if self._optims[name] is not None:
+                self._optims[name].zero_grad(set_to_none=True)
+
+    def model_backward(self, loss):
+        self.detect_anomaly(loss)
+        loss.backward()
+
+    def model_update(self, names=None):
+        for name in self.get_model_names(names):
+            if self._optims[name] is not None:
+                self._optims[name].step()
+
+    def model_backward_and_update(self, loss, names=None):
+        self.model_zero_grad(names)
+        self.model_backward(loss)
+        self.model_update(names)
+
+    def train(self, start_epoch, max_epoch):
+        self.start_epoch = start_epoch
+        self.max_epoch = max_epoch
+        self.before_train()
+        for self.epoch in range(self.start_epoch, self.max_epoch):
+            self.before_epoch()
+            self.run_epoch()
+            self.after_epoch()
+        self.after_train()
+
+    def before_train(self):
+        pass
+
+    def after_train(self):
+        pass
+
+    def before_epoch(self):
+        pass
+
+    def after_epoch(self):
+        pass
+
+    def run_epoch(self):
+        raise NotImplementedError
+
+    def test(self, split=None):
+        raise NotImplementedError
+
+    def parse_batch_train(self, batch):
+        raise NotImplementedError
+
+    def parse_batch_test(self, batch):
+        raise NotImplementedError
+
+    def forward_backward(self, batch):
+        raise NotImplementedError
+
+    def model_inference(self, input):
+        raise NotImplementedError
+
+
+class SimpleTrainer(TrainerBase):
+    """Builds data and model from the config; trains, tests and records results."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.check_cfg(cfg)
+        self.device = resolve_device(cfg.DEVICE)
+        self.start_epoch = self.epoch = 0
+        self.max_epoch = cfg.OPTIM.MAX_EPOCH
+        self.output_dir = cfg.OUTPUT_DIR
+        self.cfg = cfg
+        # Facts a trainer wants in results.json (e.g. which prompts it loaded).
+        self.run_info = OrderedDict()
+        self.build_data_loader()
+        self.build_model()
+        self.evaluator = build_evaluator(cfg, lab2cname=self.lab2cname)
+        self.best_result = -float("inf")
+
+    def check_cfg(self, cfg):
+        """Validate trainer-specific settings; raise UserError on a bad one."""
+
+    def build_data_loader(self):
+        dm = DataManager(self.cfg)
+        self.train_loader_x = dm.train_loader_x
+        self.val_loader = dm.val_loader
+        self.test_loader = dm.test_loader
+        self.num_classes = dm.num_classes
+        self.lab2cname = dm.lab2cname
+        self.dm = dm
+
+    def build_model(self):
+        raise NotImplementedError
+
+    def before_train(self):
+        directory = self.cfg.OUTPUT_DIR
+        if self.cfg.RESUME:
+            directory = self.cfg.RESUME
+        self.start_epoch = self.resume_model_if_exist(directory)
+        self.time_start = time.time()
+
+    def after_train(self):
+        logger.info("finished training")
+        if self.max_epoch > self.start_epoch or not self.has_checkpoint():
+            self.save_model(self.max_epoch - 1, self.output_dir)
+        elapsed = datetime.timedelta(seconds=round(time.time() - self.time_start))
+        logger.info(f"elapsed: {elapsed}")
+
+    def has_checkpoint(self):
+        return all(
+            os.path.isfile(os.path.join(self.output_dir, n, CHECKPOINT_POINTER)) for n in self.get_model_names()
+        )
+
+    def after_epoch(self):
+        last_epoch = (self.epoch + 1) == self.max_epoch
+        freq = self.cfg.TRAIN.CHECKPOINT_FREQ
+        if not last_epoch and freq > 0 and (self.epoch + 1) % freq == 0:
+            self.save_model(self.epoch, self.output_dir)
+
+    @torch.no_grad()
+    def test(self, split=None):
+        """Evaluate on ``split`` (default ``TEST.SPLIT``) and return the metrics dict."""
+        self.set_model_mode("eval")
+        self.evaluator.reset()
+        split = split or self.cfg.TEST.SPLIT
+        loader = self.val_loader if split == "val" else self.test_loader
+        if loader is None:
+            raise UserError(f"the {split} split of {self.cfg.DATASET.NAME} is empty; nothing to evaluate")
+        logger.info(f"evaluate on the *{split}* set")
+        for batch in loader:
+            images, labels = self.parse_batch_test(batch)
+            self.evaluator.process(self.model_inference(images), labels)
+        results = self.evaluator.evaluate()
+        results["split"] = split
+        return results
+
+    def parse_batch_test(self, batch):
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def model_inference(self, input):
+        return self.model(input)
+
+
+class TrainerX(SimpleTrainer):
+    """Trainer over a labelled training set (``train_loader_x``)."""
+
+    def run_epoch(self):
+        self.set_model_mode("train")
+        losses = MetricMeter()
+        loader = self.train_loader_x
+        if loader is None:
+            raise UserError(f"the training split of {self.cfg.DATASET.NAME} is empty; nothing to train on")
+        self.num_batches = len(loader)
+        end = time.time()
+        for self.batch_idx, batch in enumerate(loader):
+            loss_summary = self.forward_backward(batch)
+            losses.update(loss_summary)
+            if (self.batch_idx + 1) % max(self.cfg.TRAIN.PRINT_FREQ, 1) == 0 or self.batch_idx + 1 == self.num_batches:
+                logger.info(
+                    f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
+                    f"{losses} lr {self.get_current_lr():.4e} time {time.time() - end:.2f}s"
+                )
+        self.epoch_losses = losses
+
+    def parse_batch_train(self, batch):
+        return batch["img"].to(self.device), batch["label"].to(self.device)

@@ -1,0 +1,107 @@
+"""Logging, seeding, atomic file writes and the one place devices are resolved."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+logger = logging.getLogger("medpromptclip")
+
+
+def setup_logger(output_dir=None, filename="log.txt"):
+    """Log to stdout, and to ``output_dir/filename`` when a folder is given."""
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(output_dir, filename), mode="a", encoding="utf-8")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+def set_random_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    """Turn the DEVICE setting (auto, cpu, cuda, cuda:N) into a torch.device."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"DEVICE is '{name}' but no CUDA device is available; set DEVICE cpu or auto")
+        index = name.split(":", 1)[1] if ":" in name else "0"
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise UserError(
+                f"DEVICE '{name}' does not exist ({torch.cuda.device_count()} CUDA device(s)); use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+        return torch.device(f"cuda:{index}")
+    raise UserError(f"DEVICE must be auto, cpu, cuda or cuda:N, not '{name}'")
+
+
+@contextmanager
+def atomic_open(path, mode="w", **kwargs):
+    """Open a temporary file beside ``path``; it replaces ``path`` only if the block succeeds."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path, obj, indent=2):
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_torch_atomic(obj, path):
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def read_json(path, what="file"):
+    """Read JSON, turning a missing or malformed file into a one-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix or regenerate it") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text; fix or regenerate it") from None
+
+
+def count_parameters(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,412 @@
+"""The prompt layer shared by every trainer.
+
+- :class:`PromptTokenizer` turns prompt pieces (text and context slots) into token
+  ids plus a mask of the context positions, for both tokenizer kinds.
+- :class:`TextEncoder` runs a backbone's text tower from token *embeddings*,
+  replacing the context positions with per-layer deep prompts when given, and
+  pools like the backbone does. With no prompts it equals ``encode_text``.
+- :class:`ImageEncoder` runs the image tower with optional (deep) visual
+  prompts appended to the patch tokens. With no prompts it equals ``encode_image``.
+- :class:`PromptLearner` holds learnable context vectors (shared or
+  class-specific, initialized from words or randomly) and deep text prompts.
+
+None of these copy backbone weights: they hold references to the frozen modules.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.errors import UserError
+
+
+def place(x, mask, values):
+    """Return ``x`` with the positions in ``mask`` replaced by ``values``.
+
+    x: (n, L, d); mask: (n, L) bool with k True per row;
+    values: (k, d) shared by all rows or (n, k, d).
+    """
+    n, _, d = x.shape
+    if values.dim() == 2:
+        values = values.unsqueeze(0).expand(n, -1, -1)
+    rows, cols = mask.nonzero(as_tuple=True)
+    return x.index_put((rows, cols), values.reshape(-1, d).to(x.dtype))
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class PromptTokens:
+    """Token ids (n, L), context mask (n, L) and the text each row stands for."""
+
+    ids: torch.Tensor
+    ctx_mask: torch.Tensor
+    texts: list
+
+    def to(self, device):
+        return PromptTokens(self.ids.to(device), self.ctx_mask.to(device), self.texts)
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+    def select(self, index):
+        index = torch.as_tensor(index, device=self.ids.device)
+        return PromptTokens(self.ids[index], self.ctx_mask[index], [self.texts[i] for i in index.tolist()])
+
+
+class PromptTokenizer:
+    """One interface over open_clip's BPE tokenizer and Hugging Face tokenizers."""
+
+    def __init__(self, tokenizer, context_length):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        hf = getattr(tokenizer, "tokenizer", None)
+        if hf is not None and hasattr(hf, "cls_token_id"):
+            self.kind = "hf"
+            self._hf = hf
+            self.start_id = hf.cls_token_id if hf.cls_token_id is not None else hf.bos_token_id
+            self.end_id = hf.sep_token_id if hf.sep_token_id is not None else hf.eos_token_id
+            self.pad_id = hf.pad_token_id or 0
+            self._clean = getattr(tokenizer, "clean_fn", lambda s: s)
+        else:
+            self.kind = "native"
+            self.start_id = tokenizer.sot_token_id
+            self.end_id = tokenizer.eot_token_id
+            self.pad_id = 0
+
+    @property
+    def placeholder_id(self):
+        """Id written at context slots (their embeddings are replaced): the token of 'x'."""
+        return self.encode("x")[0]
+
+    def encode(self, text):
+        """Token ids of ``text`` without start/end tokens."""
+        if self.kind == "hf":
+            return list(self._hf.encode(self._clean(text), add_special_tokens=False))
+        return list(self.tokenizer.encode(text))
+
+    def __call__(self, texts):
+        """Token ids (n, context_length) exactly as the backbone's own tokenizer makes them."""
+        return self.tokenizer(list(texts))
+
+    def num_tokens(self, text):
+        return len(self.encode(text))
+
+    def assemble(self, pieces, text=None):
+        """Ids and context mask for pieces: strings are tokenized, ints are that many context slots."""
+        ids, mask = [self.start_id], [False]
+        for piece in pieces:
+            if isinstance(piece, int):
+                ids += [self.placeholder_id] * piece  # replaced by context vectors
+                mask += [True] * piece
+            elif piece:
+                tok = self.encode(piece)
+                ids += tok
+                mask += [False] * len(tok)
+        ids.append(self.end_id)
+        mask.append(False)
+        if len(ids) > self.context_length:
+            raise UserError(
+                f"prompt '{text or pieces}' needs {len(ids)} tokens but the text encoder takes {self.context_length}; "
+                f"shorten it or use fewer context tokens"
+            )
+        pad = self.context_length - len(ids)
+        return ids + [self.pad_id] * pad, mask + [False] * pad
+
+    def build(self, rows):
+        """PromptTokens for rows of (pieces, text)."""
+        built = [self.assemble(pieces, text) for pieces, text in rows]
+        ids = torch.tensor([b[0] for b in built], dtype=torch.long)
+        mask = torch.tensor([b[1] for b in built], dtype=torch.bool)
+        return PromptTokens(ids, mask, [text for _, text in rows])
+
+
+# --------------------------------------------------------------------------- text
+
+
+class TextEncoder(nn.Module):
+    """A backbone's text tower run from token embeddings, with optional deep prompts."""
+
+    def __init__(self, clip_model):
+        super().__init__()
+        from open_clip.hf_model import HFTextEncoder
+
+        text = getattr(clip_model, "text", None)
+        self.kind = "hf" if isinstance(text, HFTextEncoder) else "native"
+        if self.kind == "hf":
+            self.hf = text
+            self.word_embeddings = text.transformer.embeddings.word_embeddings
+            self.layers = text.transformer.encoder.layer
+            self.width = text.transformer.config.hidden_size
+            self.pad_id = text.config.pad_token_id if text.config.pad_token_id is not None else 0
+        else:
+            tower = text if text is not None else clip_model
+            if getattr(tower, "cls_emb", None) is not None:
+                raise UserError("text towers with an appended class token (CoCa) are not supported by the prompt layer")
+            self.tower = tower
+            self.token_embedding_module = tower.token_embedding
+            self.transformer = tower.transformer
+            self.layers = tower.transformer.resblocks
+            self.width = tower.transformer.width
+            self.pool_type = getattr(tower, "text_pool_type", None) or getattr(tower, "pool_type", "argmax")
+            self.eos_id = getattr(tower, "text_eos_id", None) or getattr(tower, "eos_id", None)
+            if getattr(tower, "use_pad_mask", False):
+                raise UserError("text towers with padding masks are not supported by the prompt layer")
+        self.num_layers = len(self.layers)
+
+    @property
+    def dtype(self):
+        if self.kind == "hf":
+            return self.word_embeddings.weight.dtype
+        return self.transformer.get_cast_dtype()
+
+    def embed(self, ids):
+        """Token embeddings (n, L, width) of ids (n, L)."""
+        if self.kind == "hf":
+            return self.word_embeddings(ids)
+        return self.token_embedding_module(ids).to(self.dtype)
+
+    def forward(self, embeddings, ids, ctx_mask=None, deep_prompts=None):
+        """Features (n, embed_dim).
+
+        embeddings: (n, L, width) token embeddings (context slots already filled);
+        ids: (n, L) the token ids they came from (for pooling and padding);
+        deep_prompts: prompts for layers 2.. (list of (k, width) or (n, k, width)),
+        placed at ``ctx_mask`` before those layers.
+        """
+        deep_prompts = list(deep_prompts or [])
+        if len(deep_prompts) >= self.num_layers:
+            raise UserError(f"{len(deep_prompts) + 1} prompt layers requested but the text encoder has {self.num_layers}")
+        if self.kind == "hf":
+            return self._forward_hf(embeddings, ids, ctx_mask, deep_prompts)
+        return self._forward_native(embeddings, ids, ctx_mask, deep_prompts)
+
+    def _forward_native(self, x, ids, ctx_mask, deep_prompts):
+        tower = self.tower
+        x = x + tower.positional_embedding.to(x.dtype)
+        attn_mask = tower.attn_mask
+        batch_first = getattr(self.transformer, "batch_first", True)
+        for i, block in enumerate(self.layers):
+            if 1 <= i <= len(deep_prompts):
+                x = place(x, ctx_mask, deep_prompts[i - 1])
+            x = block(x if batch_first else x.transpose(0, 1), attn_mask=attn_mask)
+            x = x if batch_first else x.transpose(0, 1)
+        x = tower.ln_final(x)
+        if self.pool_type == "argmax":
+            pooled = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+        elif self.pool_type == "eos":
+            pooled = x[torch.arange(x.shape[0], device=x.device), (ids == self.eos_id).int().argmax(dim=-1)]
+        elif self.pool_type == "first":
+            pooled = x[:, 0]
+        elif self.pool_type == "last":
+            pooled = x[:, -1]
+        else:
+            pooled = x
+        proj = tower.text_projection
+        if proj is None:
+            return pooled
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+    @contextmanager
+    def _layer_prompts(self, ctx_mask, deep_prompts):
+        """Hooks that place deep prompts before Hugging Face layers 2..J."""
+        handles = []
+
+        def make_hook(prompt):
+            def hook(module, args, kwargs):
+                if args:
+                    return (place(args[0], ctx_mask, prompt),) + tuple(args[1:]), kwargs
+                kwargs = dict(kwargs)
+                kwargs["hidden_states"] = place(kwargs["hidden_states"], ctx_mask, prompt)
+                return args, kwargs
+
+            return hook
+
+        try:
+            for i, prompt in enumerate(deep_prompts, start=1):
+                handles.append(self.layers[i].register_forward_pre_hook(make_hook(prompt), with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _forward_hf(self, x, ids, ctx_mask, deep_prompts):
+        hf = self.hf
+        attn_mask = (ids != self.pad_id).long()
+        with self._layer_prompts(ctx_mask, deep_prompts):
+            out = hf.transformer(inputs_embeds=x, attention_mask=attn_mask)
+        return hf.proj(hf.pooler(out, attn_mask))
+
+
+# --------------------------------------------------------------------------- image
+
+
+class ImageEncoder(nn.Module):
+    """A backbone's image tower with optional visual prompts.
+
+    ``deep_prompts[0]`` (k, width) is appended after the patch tokens; each later
+    entry replaces those k tokens before the next layer.
+    """
+
+    def __init__(self, clip_model):
+        super().__init__()
+        from open_clip.transformer import VisionTransformer
+
+        self.clip_model = [clip_model]  # a reference, not a registered submodule
+        self.visual = clip_model.visual
+        self.supports_prompts = isinstance(self.visual, VisionTransformer) and self.visual.attn_pool is None
+        if self.supports_prompts:
+            self.width = self.visual.transformer.width
+            self.num_layers = len(self.visual.transformer.resblocks)
+        else:
+            self.width = None
+            self.num_layers = 0
+
+    def forward(self, images, deep_prompts=None):
+        """Features (n, embed_dim) of images (n, 3, H, W)."""
+        if not deep_prompts:
+            return self.clip_model[0].encode_image(images)
+        if not self.supports_prompts:
+            raise UserError(
+                f"visual prompts need an open_clip ViT image tower; this backbone's image tower is "
+                f"{type(self.visual).__name__}"
+            )
+        if len(deep_prompts) > self.num_layers:
+            raise UserError(f"{len(deep_prompts)} visual prompt layers requested but the image encoder has {self.num_layers}")
+        v = self.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.patch_dropout(x)
+        n_prompt = deep_prompts[0].shape[-2]
+        first = deep_prompts[0]
+        first = first.unsqueeze(0).expand(x.shape[0], -1, -1) if first.dim() == 2 else first
+        x = v.ln_pre(torch.cat([x, first.to(x.dtype)], dim=1))
+        batch_first = getattr(v.transformer, "batch_first", True)
+        for i, block in enumerate(v.transformer.resblocks):
+            if 1 <= i < len(deep_prompts):
+                p = deep_prompts[i]
+                p = p.unsqueeze(0).expand(x.shape[0], -1, -1) if p.dim() == 2 else p
+                x = torch.cat([x[:, :-n_prompt], p.to(x.dtype)], dim=1)
+            x = block(x if batch_first else x.transpose(0, 1))
+            x = x if batch_first else x.transpose(0, 1)
+        x = x[:, :-n_prompt]
+        pooled, _ = v._pool(x)
+        return pooled @ v.proj if v.proj is not None else pooled
+
+
+# --------------------------------------------------------------------------- learner
+
+
+def template_prefix(template):
+    """The words before the class name in a template: 'a fundus image of {}.' -> 'a fundus image of'."""
+    return template.split("{}", 1)[0].strip()
+
+
+def template_suffix(template):
+    """The template with its leading words removed: 'a fundus image of {}.' -> '{}.'"""
+    return "{}" + template.split("{}", 1)[1] if "{}" in template else "{}"
+
+
+class PromptLearner(nn.Module):
+    """Learnable context vectors and deep text prompts.
+
+    ctx: (n_ctx, width), or (n_cls, n_ctx, width) when class-specific.
+    deep_ctx: depth-1 tensors (n_ctx, width) for text layers 2..depth.
+    """
+
+    def __init__(self, text_encoder, tokenizer, n_ctx=4, ctx_init="", depth=1, class_specific=False,
+                 n_cls=0, position="end", init_std=0.02):
+        super().__init__()
+        if position not in ("end", "middle", "front"):
+            raise UserError(f"class token position must be end, middle or front, not '{position}'")
+        if depth < 1:
+            raise UserError(f"text prompt depth must be >= 1, not {depth}")
+        if depth > text_encoder.num_layers:
+            raise UserError(
+                f"text prompt depth {depth} exceeds the {text_encoder.num_layers} layers of the text encoder; "
+                f"lower PROMPT_DEPTH_TEXT"
+            )
+        self.tokenizer = tokenizer
+        self.position = position
+        width = text_encoder.width
+        ctx_init = " ".join(ctx_init.replace("_", " ").split())
+        if ctx_init:
+            init_ids = tokenizer.encode(ctx_init)
+            n_ctx = len(init_ids)
+            device = next(text_encoder.parameters()).device
+            with torch.no_grad():
+                emb = text_encoder.embed(torch.tensor([init_ids], device=device))[0]
+            ctx = emb.detach().float().cpu().clone()
+            if class_specific:
+                ctx = ctx.unsqueeze(0).repeat(n_cls, 1, 1)
+        else:
+            if n_ctx < 1:
+                raise UserError("the number of context tokens must be >= 1")
+            shape = (n_cls, n_ctx, width) if class_specific else (n_ctx, width)
+            ctx = torch.empty(shape)
+            nn.init.normal_(ctx, std=init_std)
+        self.n_ctx = n_ctx
+        self.ctx_init = ctx_init
+        self.class_specific = class_specific
+        self.ctx = nn.Parameter(ctx)
+        deep = []
+        for _ in range(depth - 1):
+            p = torch.empty(n_ctx, width)
+            nn.init.normal_(p, std=init_std)
+            deep.append(nn.Parameter(p))
+        self.deep_ctx = nn.ParameterList(deep)
+
+    @property
+    def depth(self):
+        return len(self.deep_ctx) + 1
+
+    def pieces(self, name_text, suffix_text=""):
+        """Prompt pieces around the class name for this learner's class-token position."""
+        if self.position == "end":
+            return [self.n_ctx, name_text + suffix_text]
+        if self.position == "front":
+            return [name_text, self.n_ctx, suffix_text]
+        half = self.n_ctx // 2
+        return [half, name_text, self.n_ctx - half, suffix_text]
+
+    def tokens_for(self, classnames, template="{}."):
+        """PromptTokens for each class: the template's leading words are replaced by the context.
+
+        With template 'a fundus image of {}.' and position end the prompt is
+        '[ctx] glaucoma.'; with the context initialized from 'a fundus image of'
+        it is exactly the template's own token sequence.
+        """
+        from datasets.catalog import readable_classname
+
+        suffix = template_suffix(template)
+        before, after = suffix.split("{}", 1)
+        rows = []
+        for name in classnames:
+            readable = readable_classname(name)
+            pieces = self.pieces(before + readable if before else readable, after)
+            rows.append((pieces, template.format(readable)))
+        return self.tokenizer.build(rows)
+
+    def forward(self, text_encoder, tokens, class_index=None, ctx_bias=None):
+        """Text features (n, embed_dim) of prompts ``tokens`` with the learned context.
+
+        class_index: (n,) class of each row, used with class-specific context;
+        ctx_bias: optional (n, width) added to every context vector of its row (CoCoOp).
+        """
+        emb = text_encoder.embed(tokens.ids)
+        ctx = self.ctx
+        if self.class_specific:
+            if class_index is None:
+                class_index = torch.arange(len(tokens), device=ctx.device)
+            ctx = ctx[class_index]
+        if ctx_bias is not None:
+            ctx = (ctx if ctx.dim() == 3 else ctx.unsqueeze(0)) + ctx_bias.unsqueeze(1)
+        emb = place(emb, tokens.ctx_mask, ctx)
+        return text_encoder(emb, tokens.ids, tokens.ctx_mask, list(self.deep_ctx))
