@@ -1,0 +1,179 @@
+"""Train and evaluate a registered trainer on a registered dataset (Dassl's command line).
+
+    python train.py --root DATA --trainer MedPromptCLIP \
+        --dataset-config-file configs/datasets/demo.yaml \
+        --config-file configs/trainers/MedPromptCLIP/base2new.yaml \
+        --output-dir output/demo/MedPromptCLIP/seed1 --seed 1 DATASET.SUBSAMPLE_CLASSES base
+
+Config merge order: defaults -> dataset YAML -> method YAML -> arguments -> KEY VALUE overrides.
+Every run writes OUTPUT_DIR/results.json (atomically) and OUTPUT_DIR/log.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import warnings
+
+PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
+if PROJECT_DIR not in sys.path:
+    sys.path.insert(0, PROJECT_DIR)
+
+from core.config import get_cfg_default, merge_from_file, merge_from_list  # noqa: E402
+from core.engine import TRAINER_REGISTRY  # noqa: E402
+from core.errors import UserError  # noqa: E402
+from core.utils import logger, set_random_seed, setup_logger, write_json_atomic  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="", help="folder holding the datasets (DATASET.ROOT)")
+    p.add_argument("--output-dir", default="", help="output folder (OUTPUT_DIR)")
+    p.add_argument("--resume", default="", help="folder of a run to resume from (RESUME)")
+    p.add_argument("--seed", type=int, default=-1, help="random seed; negative = do not seed")
+    p.add_argument("--trainer", default="", help="trainer name (TRAINER.NAME)")
+    p.add_argument("--backbone", default="", help="backbone (MODEL.BACKBONE.NAME)")
+    p.add_argument("--dataset-config-file", default="", help="dataset YAML (configs/datasets/<name>.yaml)")
+    p.add_argument("--config-file", default="", help="method YAML (configs/trainers/<Trainer>/<recipe>.yaml)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate only (with --model-dir for learned weights)")
+    p.add_argument("--model-dir", default="", help="output folder of a training run to load weights from")
+    p.add_argument("--load-epoch", type=int, default=None, help="epoch of the checkpoint to load (default: latest)")
+    p.add_argument("--no-train", action="store_true", help="build the trainer and stop: checks config and data")
+    p.add_argument("--list", action="store_true", help="list registered trainers and datasets, then exit")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return p
+
+
+def setup_cfg(args):
+    import trainers
+
+    cfg = get_cfg_default()
+    trainers.extend_cfg(cfg)
+    if args.dataset_config_file:
+        merge_from_file(cfg, args.dataset_config_file)
+    if args.config_file:
+        merge_from_file(cfg, args.config_file)
+    if args.root:
+        cfg.DATASET.ROOT = args.root
+    if args.output_dir:
+        cfg.OUTPUT_DIR = args.output_dir
+    if args.resume:
+        cfg.RESUME = args.resume
+    if args.seed >= 0:
+        cfg.SEED = args.seed
+    if args.trainer:
+        cfg.TRAINER.NAME = args.trainer
+    if args.backbone:
+        cfg.MODEL.BACKBONE.NAME = args.backbone
+    merge_from_list(cfg, args.opts)
+    if not cfg.TRAINER.NAME:
+        raise UserError("no trainer given; pass --trainer NAME (python train.py --list shows them)")
+    if not cfg.DATASET.NAME:
+        raise UserError("no dataset given; pass --dataset-config-file configs/datasets/<name>.yaml")
+    cfg.freeze()
+    return cfg
+
+
+def run_record(cfg, args, trainer, results):
+    """The content of results.json."""
+    record = {
+        "trainer": cfg.TRAINER.NAME,
+        "dataset": cfg.DATASET.NAME,
+        "subsample": cfg.DATASET.SUBSAMPLE_CLASSES,
+        "num_shots": cfg.DATASET.NUM_SHOTS,
+        "seed": cfg.SEED,
+        "backbone": cfg.MODEL.BACKBONE.NAME,
+        "split": None,
+        "num_samples": None,
+        "accuracy": None,
+        "macro_f1": None,
+        "classnames": list(getattr(trainer, "classnames", []) or []),
+        "eval_only": bool(args.eval_only),
+        "model_dir": args.model_dir or None,
+        "load_epoch": args.load_epoch,
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    if results:
+        record.update({k: v for k, v in results.items() if k != "error_rate"})
+    losses = getattr(trainer, "epoch_losses", None)
+    if losses is not None and losses.meters:
+        record["train_loss"] = {k: m.avg for k, m in losses.meters.items()}
+    record.update(trainer.run_info)
+    record["config"] = yaml_safe(cfg)
+    return record
+
+
+def yaml_safe(node):
+    from yacs.config import CfgNode
+
+    if isinstance(node, CfgNode):
+        return {k: yaml_safe(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [yaml_safe(v) for v in node]
+    return node
+
+
+def one_line(error):
+    """The message of a UserError, also when a data-loader worker wrapped it in a traceback."""
+    text = str(error).strip()
+    if "Traceback" in text:
+        text = text.splitlines()[-1].split("UserError: ", 1)[-1]
+    return text
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list:
+            import datasets  # noqa: F401
+            import trainers  # noqa: F401
+            from core.data import DATASET_REGISTRY
+
+            print("trainers: " + ", ".join(TRAINER_REGISTRY.registered_names()))
+            print("datasets: " + ", ".join(DATASET_REGISTRY.registered_names()))
+            return 0
+        import datasets  # noqa: F401  (registers the catalog)
+
+        cfg = setup_cfg(args)
+        if args.eval_only and args.model_dir and not os.path.isdir(args.model_dir):
+            raise UserError(f"--model-dir {args.model_dir} does not exist; give the output folder of a training run")
+        setup_logger(cfg.OUTPUT_DIR)
+        logger.info(f"command: {' '.join(sys.argv)}")
+        if cfg.SEED >= 0:
+            set_random_seed(cfg.SEED)
+        if cfg.VERBOSE:
+            logger.info("config:\n" + cfg.dump())
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda msg, *a, **k: logger.info(f"warning: {msg}")
+            trainer = TRAINER_REGISTRY.get(cfg.TRAINER.NAME)(cfg)
+        if args.no_train:
+            logger.info("--no-train: trainer built; nothing trained or evaluated")
+            return 0
+        results = None
+        if args.eval_only:
+            trainer.load_model(args.model_dir, epoch=args.load_epoch)
+            results = trainer.test()
+        else:
+            trainer.train(trainer.start_epoch, trainer.max_epoch)
+            if not cfg.TEST.NO_TEST:
+                results = trainer.test()
+        record = run_record(cfg, args, trainer, results)
+        if cfg.TEST.COMPUTE_CMAT and getattr(trainer.evaluator, "cmat", None) is not None and results:
+            write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "cmat.json"), {
+                "classnames": record["classnames"], "matrix": trainer.evaluator.cmat.tolist(),
+            })
+        write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), record)
+        logger.info(f"results written to {os.path.join(cfg.OUTPUT_DIR, 'results.json')}")
+        return 0
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written to results.json", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Reading ``llm_descriptions/<dataset>.json`` files ({classname: [descriptions]})."""
+from __future__ import annotations
+
+import os
+
+from core.errors import UserError
+from core.utils import read_json
+from datasets.catalog import normalize_classname
+
+from ._backbones import PROJECT_DIR
+
+
+def descriptions_path(dataset, descriptions_dir="llm_descriptions"):
+    directory = descriptions_dir if os.path.isabs(descriptions_dir) else os.path.join(PROJECT_DIR, descriptions_dir)
+    return os.path.join(directory, f"{dataset}.json")
+
+
+def load_descriptions(dataset, classnames, descriptions_dir="llm_descriptions"):
+    """Descriptions for each of ``classnames`` (list of lists, same order).
+
+    Class names match file keys after normalizing case, underscores and
+    spaces. A class with no descriptions is an error naming the class and file.
+    """
+    path = descriptions_path(dataset, descriptions_dir)
+    if not os.path.isfile(path):
+        raise UserError(
+            f"no descriptions for {dataset}: {path} not found; write it or run "
+            f"python scripts/generate_descriptions.py {dataset}"
+        )
+    data = read_json(path, what="descriptions file")
+    if not isinstance(data, dict):
+        raise UserError(f"descriptions file {path} must be a JSON object {{classname: [descriptions]}}")
+    by_key = {}
+    for key, items in data.items():
+        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+            raise UserError(f"descriptions file {path}: '{key}' must map to a list of strings")
+        by_key.setdefault(normalize_classname(key), []).extend(t.strip() for t in items if t.strip())
+    output = []
+    for name in classnames:
+        items = by_key.get(normalize_classname(name))
+        if not items:
+            raise UserError(f"class '{name}' has no descriptions in {path}; add a list of descriptions under that key")
+        output.append(items)
+    return output

@@ -1,0 +1,88 @@
+"""Zero-shot CLIP: class text features from a template, a template ensemble or LLM descriptions."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from core.engine import TRAINER_REGISTRY
+from core.errors import UserError
+from core.utils import logger
+from datasets.catalog import readable_classname
+
+from ._base import CLIPTrainer
+from ._descriptions import descriptions_path, load_descriptions
+
+PROMPT_MODES = ("template", "ensemble", "descriptions")
+
+
+def extend_cfg(cfg):
+    cfg.TRAINER.ZEROSHOTCLIP = CN()
+    # How class prompts are made: template (the dataset's modality template), ensemble
+    # (the modality template plus TEMPLATES, features averaged) or descriptions
+    # (llm_descriptions/<dataset>.json, features averaged per class).
+    cfg.TRAINER.ZEROSHOTCLIP.PROMPT = "template"
+    # Extra templates for the ensemble; "{}" is the class name.
+    cfg.TRAINER.ZEROSHOTCLIP.TEMPLATES = [
+        "a photo of {}.", "an image of {}.", "a medical image of {}.", "a medical image showing {}.", "{}.",
+    ]
+    # Precision: fp32, amp (autocast) or fp16 (half weights, CUDA only).
+    cfg.TRAINER.ZEROSHOTCLIP.PREC = "fp32"
+
+
+@torch.no_grad()
+def encode_text_groups(trainer, groups, batch_size=256):
+    """Mean of normalized text features per group of texts, renormalized: (n_groups, D)."""
+    flat = [t for g in groups for t in g]
+    feats = []
+    for start in range(0, len(flat), batch_size):
+        ids = trainer.prompt_tokenizer(flat[start:start + batch_size]).to(trainer.device)
+        with trainer.autocast():
+            feats.append(F.normalize(trainer.backbone.model.encode_text(ids).float(), dim=-1))
+    feats = torch.cat(feats)
+    out, i = [], 0
+    for g in groups:
+        out.append(F.normalize(feats[i:i + len(g)].mean(0), dim=-1))
+        i += len(g)
+    return torch.stack(out)
+
+
+@TRAINER_REGISTRY.register()
+class ZeroShotCLIP(CLIPTrainer):
+    cfg_key = "ZEROSHOTCLIP"
+    uses_frozen_image_features = True
+
+    def check_cfg(self, cfg):
+        super().check_cfg(cfg)
+        if cfg.TRAINER.ZEROSHOTCLIP.PROMPT not in PROMPT_MODES:
+            raise UserError(
+                f"TRAINER.ZEROSHOTCLIP.PROMPT must be one of {', '.join(PROMPT_MODES)}, not '{cfg.TRAINER.ZEROSHOTCLIP.PROMPT}'"
+            )
+
+    def class_prompt_texts(self):
+        """Texts for each class (list of lists) according to the prompt mode."""
+        mode = self.tcfg.PROMPT
+        template = self.dataset_entry.template
+        if mode == "descriptions":
+            texts = load_descriptions(self.cfg.DATASET.NAME, self.classnames, self.cfg.DATASET.DESCRIPTIONS_DIR)
+            self.run_info["descriptions_file"] = descriptions_path(self.cfg.DATASET.NAME, self.cfg.DATASET.DESCRIPTIONS_DIR)
+            return texts
+        templates = [template] + (list(self.tcfg.TEMPLATES) if mode == "ensemble" else [])
+        for t in templates:
+            if "{}" not in t:
+                raise UserError(f"template '{t}' has no '{{}}' for the class name")
+        return [[t.format(readable_classname(c)) for t in templates] for c in self.classnames]
+
+    def build_model(self):
+        self.setup_backbone()
+        texts = self.class_prompt_texts()
+        logger.info(f"zero-shot prompts ({self.tcfg.PROMPT}), e.g. '{texts[0][0]}'")
+        self.run_info["prompt_mode"] = self.tcfg.PROMPT
+        self.text_features = encode_text_groups(self, texts)
+        self.model = self.backbone.model
+
+    def class_text_features(self):
+        return self.text_features
+
+    def train(self, *args, **kwargs):
+        raise UserError("ZeroShotCLIP has nothing to train; run it with --eval-only")
