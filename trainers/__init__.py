@@ -3,9 +3,9 @@
 Importing this package registers every trainer; ``extend_cfg`` adds each
 trainer's config node (``TRAINER.<NAME>``) so that any recipe's keys are known.
 """
-from . import zsclip
+from . import medpromptclip, zsclip
 
-_MODULES = [zsclip]
+_MODULES = [zsclip, medpromptclip]
 
 
 def extend_cfg(cfg):

@@ -54,6 +54,12 @@ class PromptTokens:
     def __len__(self):
         return self.ids.shape[0]
 
+    @staticmethod
+    def cat(parts):
+        return PromptTokens(
+            torch.cat([p.ids for p in parts]), torch.cat([p.ctx_mask for p in parts]), [t for p in parts for t in p.texts]
+        )
+
     def select(self, index):
         index = torch.as_tensor(index, device=self.ids.device)
         return PromptTokens(self.ids[index], self.ctx_mask[index], [self.texts[i] for i in index.tolist()])
