@@ -172,7 +172,7 @@ def load_or_sample_fewshot(dataset, path, train, val, num_shots, seed):
         try:
             with open(path, encoding="utf-8") as f:
                 cached = json.load(f)
-            base = os.path.join(root, cached["image_root"])
+            base = os.path.normpath(os.path.join(root, cached["image_root"]))
             to_datum = lambda rows: [Datum(os.path.join(base, p), y, 0, c) for p, y, c in rows]
             return to_datum(cached["train"]), to_datum(cached["val"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -274,7 +274,8 @@ def build_data_loader(cfg, data_source, batch_size, transform, is_train):
         DatasetWrapper(data_source, transform),
         batch_size=batch_size,
         shuffle=shuffle,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        # More workers than cores only adds start-up time.
+        num_workers=min(cfg.DATALOADER.NUM_WORKERS, os.cpu_count() or 1),
         drop_last=is_train and len(data_source) >= batch_size,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,

@@ -66,7 +66,7 @@ def parse_args(argv):
     )
     parser.add_argument("target", help="a dataset name or a modality group (e.g. Head_CT, ct, eye, all)")
     parser.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
-                        help="chat-completions endpoint (default: $OPENAI_BASE_URL, else %(default)s)")
+                        help=f"chat-completions endpoint (default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
     parser.add_argument("--model", default=os.environ.get("MEDPROMPT_LLM_MODEL") or DEFAULT_MODEL,
                         help=f"model name (default: $MEDPROMPT_LLM_MODEL, else {DEFAULT_MODEL})")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
@@ -383,7 +383,7 @@ def clean_class(answers, max_tokens=CLIP_TOKEN_LIMIT, count_tokens=clip_token_co
 
 
 def _plan(datasets, args, questions, focus):
-    """(entry, [(classname, cache, filled questions)]) per dataset to generate, and the requests still to make."""
+    """(entry, output path, [(classname, cache, filled questions)]) per dataset to generate, and the requests still to make."""
     plan, missing = [], 0
     for name in datasets:
         entry = get_entry(name)
@@ -422,6 +422,9 @@ def generate(args):
     asker = Asker(args, api_key) if missing else None
 
     with tqdm(total=missing, desc="requests", unit="req", dynamic_ncols=True) as bar:
+        def log_retry(message):
+            bar.write(message, file=sys.stderr)
+
         for entry, out_path, classes in plan:
             descriptions = {}
             for classname, cache, filled in classes:
@@ -431,7 +434,7 @@ def generate(args):
                         text = cache.get(question, index)
                         if text is None:
                             bar.set_postfix_str(f"{entry.name}/{readable_classname(classname)}", refresh=False)
-                            text = asker.ask(question, log=lambda message: bar.write(message, file=sys.stderr))
+                            text = asker.ask(question, log=log_retry)
                             cache.put(question, index, text)
                             bar.update(1)
                         answers.append(text)

@@ -24,7 +24,7 @@ N_QUESTIONS = len(json.load(open(os.path.join(ROOT, "llm_descriptions", "questio
 
 
 def plain_answer(question, count):
-    return f"Answer number {count} shows a well defined hyperdense region for the question: {question}"
+    return f"Answer number {count} shows a well defined hyperdense region in the brain."
 
 
 class FakeServer:
@@ -46,6 +46,9 @@ class FakeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out as separate writes; without this each
+            # request would wait on a delayed ACK.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
@@ -58,9 +61,11 @@ class FakeServer:
                     failure = server.failures[count] if count < len(server.failures) else None
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
-                if self.headers.get("Authorization") != f"Bearer {KEY}":
+                auth = self.headers.get("Authorization", "")
+                if auth != f"Bearer {KEY}":
                     # Real servers echo part of a wrong key; this one echoes all of it.
-                    return self._send(401, {"error": {"message": f"Incorrect API key provided: {KEY}",
+                    wrong = auth.removeprefix("Bearer ")
+                    return self._send(401, {"error": {"message": f"Incorrect API key provided: {wrong}",
                                                       "type": "invalid_request_error"}})
                 if failure == "drop":
                     self.close_connection = True

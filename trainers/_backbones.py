@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -125,10 +126,15 @@ def _build_from_config(display, config_file, weights, cache_dir, device):
         # Test-sized towers are random-initialized from the config in the repo.
         text_cfg["hf_model_pretrained"] = False
         kwargs["text_cfg"] = text_cfg
-    model = open_clip.create_model(
-        arch, pretrained=weights or None, device=device, cache_dir=cache_dir,
-        force_preprocess_cfg=preprocess_cfg or None, pretrained_text=False, **kwargs,
-    )
+    # Random initialization is what a test-sized config asks for: silence open_clip's warning about it.
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(
+            arch, pretrained=weights or None, device=device, cache_dir=cache_dir,
+            force_preprocess_cfg=preprocess_cfg or None, pretrained_text=False, **kwargs,
+        )
+    finally:
+        logging.disable(logging.NOTSET)
     return model, _tokenizer_for(arch, text_cfg)
 
 

@@ -44,7 +44,10 @@ class CLIPTrainer(TrainerX):
     # ---------------------------------------------------------------- data
     def build_data_loader(self):
         cfg = self.cfg
-        self.dataset_entry = get_entry(cfg.DATASET.NAME)
+        try:
+            self.dataset_entry = get_entry(cfg.DATASET.NAME)
+        except KeyError as e:
+            raise UserError(e.args[0]) from None
         self.backbone = load_backbone(
             cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.PRETRAINED, cfg.MODEL.BACKBONE.CACHE_DIR, device="cpu"
         )

@@ -1,0 +1,67 @@
+"""Shared fixtures: offline hub, tiny backbones, the demo data, in-process train.py runs."""
+import json
+import os
+import sys
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if PROJECT_DIR not in sys.path:
+    sys.path.insert(0, PROJECT_DIR)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+import datasets  # noqa: E402,F401
+import trainers  # noqa: E402,F401
+
+TINY_BACKBONES = ("tiny-clip", "tiny-bert-clip")
+
+
+@pytest.fixture(scope="session")
+def backbones():
+    from trainers._backbones import load_backbone
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_backbone(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A data root holding the generated demo dataset (shared; tests must not modify it)."""
+    from datasets.catalog import DEMO
+    from datasets.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("data")
+    generate_demo(os.path.join(root, DEMO.dataset_dir))
+    return str(root)
+
+
+def run_train(*args, capsys=None):
+    """Run train.py's main in-process; returns (exit code, stderr text)."""
+    import train
+
+    code = train.main([str(a) for a in args])
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def read_results(output_dir):
+    with open(os.path.join(output_dir, "results.json")) as f:
+        return json.load(f)
+
+
+DEMO_CFG = os.path.join(PROJECT_DIR, "configs", "datasets", "demo.yaml")
+
+
+def recipe(trainer, name):
+    return os.path.join(PROJECT_DIR, "configs", "trainers", trainer, f"{name}.yaml")

@@ -1,0 +1,114 @@
+"""Catalog, generic split dataset, demo data and the split tool."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROJECT_DIR
+from core.config import get_cfg_default
+from core.data import DATASET_REGISTRY
+from core.errors import UserError
+from datasets.catalog import BENCHMARKS, CATALOG, DEMO, GROUPS, resolve_target
+from datasets.demo import draw_image, generate_demo
+from datasets.make_split import make_split
+
+
+def test_catalog_registers_24_benchmarks_and_demo():
+    assert len(BENCHMARKS) == 24
+    for name in CATALOG:
+        assert name in DATASET_REGISTRY
+        assert os.path.isfile(os.path.join(PROJECT_DIR, "configs", "datasets", f"{name}.yaml"))
+    assert set(GROUPS["eye"]) == {"ODIR_3x200", "ODIR", "f1000images", "OCT_C8", "OCTDL", "SLID_E", "SLO", "FFA", "modaldiff"}
+    assert resolve_target("fundus") == ["ODIR_3x200", "ODIR", "f1000images"]
+    assert resolve_target("demo") == ["demo"]
+    with pytest.raises(KeyError, match="unknown dataset or group"):
+        resolve_target("retina")
+
+
+def test_catalog_cli_lists_everything(tmp_path):
+    (tmp_path / "NCT").mkdir()
+    (tmp_path / "NCT" / "data_split.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "datasets", "--root", str(tmp_path)], cwd=PROJECT_DIR,
+                         capture_output=True, text=True, check=True).stdout
+    for name in CATALOG:
+        assert name in out
+    nct = next(line for line in out.splitlines() if line.startswith("NCT "))
+    odir = next(line for line in out.splitlines() if line.startswith("ODIR "))
+    assert nct.rstrip().endswith("yes") and odir.rstrip().endswith("no")
+
+
+def test_demo_is_deterministic_and_has_styles_and_findings(tmp_path):
+    assert len(DEMO.classnames) == 12
+    styles = {c.split("_")[0] for c in DEMO.classnames}
+    assert styles == {"fundus", "xray", "tissue"}
+    assert draw_image("fundus_spots", 3).tobytes() == draw_image("fundus_spots", 3).tobytes()
+    assert draw_image("fundus_spots", 3).tobytes() != draw_image("fundus_ring", 3).tobytes()
+    a, b = tmp_path / "a" / "demo", tmp_path / "b" / "demo"
+    generate_demo(str(a))
+    generate_demo(str(b))
+    digest = lambda p: hashlib.sha1((p / "data_split.json").read_bytes()).hexdigest()
+    assert digest(a) == digest(b)
+    split = json.loads((a / "data_split.json").read_text())
+    assert {row[1] for row in split["test"]} == set(range(12))
+    first = split["train"][0][0]
+    assert (a / "images" / first).read_bytes() == (b / "images" / first).read_bytes()
+    assert not any(p.name.startswith(".demo-") for p in (tmp_path / "a").iterdir())
+
+
+def cfg_for(root, name, **overrides):
+    cfg = get_cfg_default()
+    cfg.DATASET.ROOT = str(root)
+    cfg.DATASET.NAME = name
+    for k, v in overrides.items():
+        node = cfg
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return cfg
+
+
+def test_split_dataset_base_new_and_fewshot(demo_root):
+    build = DATASET_REGISTRY.get("demo")
+    base = build(cfg_for(demo_root, "demo", **{"DATASET.SUBSAMPLE_CLASSES": "base"}))
+    new = build(cfg_for(demo_root, "demo", **{"DATASET.SUBSAMPLE_CLASSES": "new"}))
+    assert base.classnames == list(DEMO.classnames[:6]) and new.classnames == list(DEMO.classnames[6:])
+    assert {d.label for d in new.test} == set(range(6))
+    assert all(d.classname in new.classnames for d in new.test)
+    fs = build(cfg_for(demo_root, "demo", **{"DATASET.NUM_SHOTS": 2, "SEED": 3}))
+    assert len(fs.train_x) == 24
+    assert os.path.isfile(os.path.join(demo_root, "demo", "split_fewshot", "shot_2-seed_3.json"))
+
+
+def write_tree(root, dataset, counts):
+    entry = CATALOG[dataset]
+    image_dir = root / entry.dataset_dir / entry.image_subdir if entry.image_subdir else root / entry.dataset_dir
+    for cls, n in counts.items():
+        (image_dir / cls).mkdir(parents=True)
+        for i in range(n):
+            draw_image("xray_spots", i, size=16).save(image_dir / cls / f"{i}.png")
+    return image_dir
+
+
+def test_split_tool_is_stratified(tmp_path):
+    write_tree(tmp_path, "Head_CT", {"Normal_brain": 20, "brain bleeding": 40})
+    counts = make_split(str(tmp_path), "Head_CT")
+    assert counts == {"train": 42, "val": 9, "test": 9}
+    split = json.loads((tmp_path / "Head_CT" / "data_split.json").read_text())
+    per = lambda key, label: sum(r[1] == label for r in split[key])
+    assert (per("train", 0), per("val", 0), per("test", 0)) == (14, 3, 3)
+    assert (per("train", 1), per("val", 1), per("test", 1)) == (28, 6, 6)
+    assert split["train"][0][2] in ("Normal_brain", "Brain_bleeding")
+    ds = DATASET_REGISTRY.get("Head_CT")(cfg_for(tmp_path, "Head_CT"))
+    assert len(ds.train_x) == 42 and ds.classnames == ["Normal_brain", "Brain_bleeding"]
+    with pytest.raises(UserError, match="already exists"):
+        make_split(str(tmp_path), "Head_CT")
+
+
+def test_split_tool_rejects_unknown_class_folder(tmp_path):
+    write_tree(tmp_path, "Head_CT", {"Normal_brain": 2, "tumour": 2})
+    with pytest.raises(UserError, match="'tumour' .* not a class of Head_CT"):
+        make_split(str(tmp_path), "Head_CT")

@@ -1,0 +1,106 @@
+"""Golden equivalence of the prompt layer with the backbones' own encoders."""
+import pytest
+import torch
+
+from conftest import TINY_BACKBONES
+from trainers._prompt_layer import ImageEncoder, PromptLearner, PromptTokenizer, TextEncoder, place
+
+TEXTS = ["a fundus image of glaucoma.", "a pathology image of adipose tissue.", "x", "an oct retinal image of drusen with many words"]
+
+
+@pytest.mark.parametrize("name", TINY_BACKBONES)
+def test_text_encoder_reproduces_encode_text(backbones, name):
+    bb = backbones(name)
+    te = TextEncoder(bb.model)
+    ids = PromptTokenizer(bb.tokenizer, bb.context_length)(TEXTS)
+    with torch.no_grad():
+        assert torch.equal(te(te.embed(ids), ids), bb.model.encode_text(ids))
+
+
+@pytest.mark.parametrize("name", TINY_BACKBONES)
+def test_image_encoder_reproduces_encode_image(backbones, name):
+    bb = backbones(name)
+    images = torch.randn(3, 3, *bb.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ImageEncoder(bb.model)(images), bb.model.encode_image(images))
+
+
+@pytest.mark.parametrize("name", TINY_BACKBONES)
+def test_template_initialized_context_adds_nothing(backbones, name):
+    """Depth 1, zero steps, context from the template's own words: features equal the plain template's."""
+    bb = backbones(name)
+    te, tok = TextEncoder(bb.model), PromptTokenizer(bb.tokenizer, bb.context_length)
+    learner = PromptLearner(te, tok, ctx_init="a fundus image of", depth=1)
+    assert learner.n_ctx == len(tok.encode("a fundus image of"))
+    tokens = learner.tokens_for(["glaucoma", "age-related_macular_degeneration"], "a fundus image of {}.")
+    assert tokens.texts == ["a fundus image of glaucoma.", "a fundus image of age-related macular degeneration."]
+    with torch.no_grad():
+        prompted = learner(te, tokens)
+        plain = bb.model.encode_text(tok(tokens.texts))
+    assert torch.allclose(prompted, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", TINY_BACKBONES)
+def test_deep_prompts_change_features_and_get_gradients(backbones, name):
+    bb = backbones(name)
+    te, tok = TextEncoder(bb.model), PromptTokenizer(bb.tokenizer, bb.context_length)
+    torch.manual_seed(0)
+    learner = PromptLearner(te, tok, ctx_init="a fundus image of", depth=3)
+    tokens = learner.tokens_for(["glaucoma", "cataract"], "a fundus image of {}.")
+    out = learner(te, tokens)
+    plain = bb.model.encode_text(tok(tokens.texts))
+    assert not torch.allclose(out, plain, atol=1e-4)
+    out.pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
+    assert all(p.grad is None for p in bb.model.parameters())
+
+
+def test_deep_prompt_count_cannot_exceed_layers(backbones):
+    bb = backbones("tiny-clip")
+    te, tok = TextEncoder(bb.model), PromptTokenizer(bb.tokenizer, bb.context_length)
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match="exceeds"):
+        PromptLearner(te, tok, n_ctx=2, depth=te.num_layers + 1)
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_class_token_positions_place_context_where_asked(backbones, position):
+    bb = backbones("tiny-clip")
+    te, tok = TextEncoder(bb.model), PromptTokenizer(bb.tokenizer, bb.context_length)
+    learner = PromptLearner(te, tok, n_ctx=4, position=position, class_specific=True, n_cls=2)
+    tokens = learner.tokens_for(["glaucoma", "cat"], "{}.")
+    name_ids = tok.encode("glaucoma")
+    row = tokens.ids[0].tolist()
+    ctx_positions = tokens.ctx_mask[0].nonzero().flatten().tolist()
+    name_start = row.index(name_ids[0])
+    assert len(ctx_positions) == 4
+    if position == "end":
+        assert max(ctx_positions) < name_start
+    elif position == "front":
+        assert min(ctx_positions) > name_start
+    else:
+        assert min(ctx_positions) < name_start < max(ctx_positions)
+    assert learner(te, tokens).shape == (2, bb.model.text_projection.shape[1])
+
+
+def test_place_replaces_only_masked_positions():
+    x = torch.zeros(2, 5, 3)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]], dtype=torch.bool)
+    values = torch.arange(6.0).view(2, 3)
+    out = place(x, mask, values)
+    assert torch.equal(out[0, 1], values[0]) and torch.equal(out[1, 3], values[1])
+    assert out[~mask].abs().sum() == 0
+    assert x.abs().sum() == 0  # not in place
+
+
+@pytest.mark.parametrize("name", TINY_BACKBONES)
+def test_visual_prompts_extend_the_image_encoder(backbones, name):
+    bb = backbones(name)
+    ie = ImageEncoder(bb.model)
+    images = torch.randn(2, 3, *bb.image_size)
+    prompts = [torch.randn(2, ie.width, requires_grad=True) for _ in range(3)]
+    out = ie(images, prompts)
+    assert out.shape == bb.model.encode_image(images).shape
+    out.sum().backward()
+    assert all(p.grad is not None for p in prompts)
