@@ -17,6 +17,18 @@ from .errors import UserError
 logger = logging.getLogger("medpromptclip")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (it may be replaced, e.g. by test capture)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logger(output_dir=None, filename="log.txt"):
     """Log to stdout, and to ``output_dir/filename`` when a folder is given."""
     logger.setLevel(logging.INFO)
@@ -25,7 +37,7 @@ def setup_logger(output_dir=None, filename="log.txt"):
         logger.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
+    stream = _StdoutHandler()
     stream.setFormatter(fmt)
     logger.addHandler(stream)
     if output_dir:

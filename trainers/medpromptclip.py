@@ -189,9 +189,10 @@ class MedPromptCLIP(CLIPTrainer):
 
     # ---------------------------------------------------------------- training
     def before_train(self):
-        _ = self.train_loader_x.pairs  # build pairs (reads descriptions) before anything else
-        self.train_tokens = self.tokens_for_rows(self.train_rows)
-        self.description_features = self.encode_descriptions(self.train_descriptions)
+        if getattr(self, "description_features", None) is None:
+            _ = self.train_loader_x.pairs  # build pairs (reads descriptions) before anything else
+            self.train_tokens = self.tokens_for_rows(self.train_rows)
+            self.description_features = self.encode_descriptions(self.train_descriptions)
         super().before_train()
 
     @torch.no_grad()
