@@ -39,6 +39,8 @@ def build_parser():
     p.add_argument("--eval-only", action="store_true", help="evaluate only (with --model-dir for learned weights)")
     p.add_argument("--model-dir", default="", help="output folder of a training run to load weights from")
     p.add_argument("--load-epoch", type=int, default=None, help="epoch of the checkpoint to load (default: latest)")
+    p.add_argument("--init-from", default="",
+                   help="output folder of a MedPromptCLIP run whose text prompts start this trainer (TRAINER.<NAME>.INIT_FROM)")
     p.add_argument("--no-train", action="store_true", help="build the trainer and stop: checks config and data")
     p.add_argument("--list", action="store_true", help="list registered trainers and datasets, then exit")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -69,6 +71,11 @@ def setup_cfg(args):
     merge_from_list(cfg, args.opts)
     if not cfg.TRAINER.NAME:
         raise UserError("no trainer given; pass --trainer NAME (python train.py --list shows them)")
+    if args.init_from:
+        key = TRAINER_REGISTRY.get(cfg.TRAINER.NAME).cfg_key
+        if not key or "INIT_FROM" not in cfg.TRAINER[key]:
+            raise UserError(f"--init-from: trainer {cfg.TRAINER.NAME} cannot start from MedPromptCLIP prompts")
+        cfg.TRAINER[key].INIT_FROM = args.init_from
     if not cfg.DATASET.NAME:
         raise UserError("no dataset given; pass --dataset-config-file configs/datasets/<name>.yaml")
     cfg.freeze()

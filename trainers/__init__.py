@@ -3,9 +3,9 @@
 Importing this package registers every trainer; ``extend_cfg`` adds each
 trainer's config node (``TRAINER.<NAME>``) so that any recipe's keys are known.
 """
-from . import medpromptclip, zsclip
+from . import cocoop, coop, ivlp, maple, medpromptclip, zsclip
 
-_MODULES = [zsclip, medpromptclip]
+_MODULES = [zsclip, medpromptclip, coop, cocoop, ivlp, maple]
 
 
 def extend_cfg(cfg):

@@ -32,6 +32,7 @@ BACKBONE_CONFIG_DIR = os.path.join(PROJECT_DIR, "configs", "backbones")
 ALIASES = {
     "tiny-clip": {"config": "tiny-clip.json"},
     "tiny-bert-clip": {"config": "tiny-bert-clip.json"},
+    "demo-clip": {"config": "demo-clip.json", "weights": "demo-clip/demo-clip.safetensors"},
     "pmc-clip": {"hub": "hf-hub:ryanyip7777/pmc_vit_l_14"},
     "biomedclip": {"hub": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"},
     "vit-b/16": {"arch": "ViT-B-16-quickgelu", "pretrained": "openai"},
@@ -126,13 +127,16 @@ def _build_from_config(display, config_file, weights, cache_dir, device):
         # Test-sized towers are random-initialized from the config in the repo.
         text_cfg["hf_model_pretrained"] = False
         kwargs["text_cfg"] = text_cfg
-    # Random initialization is what a test-sized config asks for: silence open_clip's warning about it.
+    # Random initialization is what a test-sized config asks for: silence open_clip's warning about
+    # it, and seed it so that every run (training, then --eval-only) gets the same backbone.
     logging.disable(logging.WARNING)
     try:
-        model = open_clip.create_model(
-            arch, pretrained=weights or None, device=device, cache_dir=cache_dir,
-            force_preprocess_cfg=preprocess_cfg or None, pretrained_text=False, **kwargs,
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = open_clip.create_model(
+                arch, pretrained=weights or None, device=device, cache_dir=cache_dir,
+                force_preprocess_cfg=preprocess_cfg or None, pretrained_text=False, **kwargs,
+            )
     finally:
         logging.disable(logging.NOTSET)
     return model, _tokenizer_for(arch, text_cfg)
@@ -155,7 +159,8 @@ def resolve_spec(name, pretrained=""):
         spec = dict(alias)
         if "config" in spec:
             spec["config"] = os.path.join(BACKBONE_CONFIG_DIR, spec["config"])
-            spec["weights"] = pretrained or spec.get("weights", "")
+            weights = spec.get("weights")
+            spec["weights"] = pretrained or (os.path.join(BACKBONE_CONFIG_DIR, weights) if weights else "")
         elif pretrained:
             spec["pretrained"] = pretrained
         return spec

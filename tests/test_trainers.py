@@ -1,0 +1,124 @@
+"""Every registered trainer, on each tiny backbone: builds, steps, changes only its prompts, round-trips."""
+import os
+
+import pytest
+import torch
+
+from conftest import DEMO_CFG, PROJECT_DIR, TINY_BACKBONES, read_results, recipe, run_train
+from core.engine import TRAINER_REGISTRY, trainable_state_dict
+
+RECIPES = {"ZeroShotCLIP": "template", "MedPromptCLIP": "base2new"}
+
+
+def build(name, backbone, demo_root, out, *opts):
+    import train
+
+    args = train.build_parser().parse_args([
+        "--root", demo_root, "--trainer", name, "--dataset-config-file", DEMO_CFG,
+        "--config-file", recipe(name, RECIPES.get(name, "base2new")), "--output-dir", str(out), "--seed", "1",
+        "MODEL.BACKBONE.NAME", backbone, "DATASET.NUM_SHOTS", "2", "DATASET.SUBSAMPLE_CLASSES", "base",
+        "DATALOADER.TRAIN_X.BATCH_SIZE", "4", *opts,
+    ])
+    cfg = train.setup_cfg(args)
+    return TRAINER_REGISTRY.get(name)(cfg)
+
+
+ALL = TRAINER_REGISTRY.registered_names()
+
+
+def test_registry_holds_every_method():
+    assert {"ZeroShotCLIP", "MedPromptCLIP", "CoOp", "CoCoOp", "IVLP", "MaPLe"} <= set(ALL)
+    for name in ALL:
+        assert os.path.isdir(os.path.join(PROJECT_DIR, "configs", "trainers", name)), f"no recipes for {name}"
+
+
+@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+@pytest.mark.parametrize("name", ALL)
+def test_trainer_step_changes_only_its_prompts(name, backbone, demo_root, tmp_path):
+    torch.manual_seed(0)
+    # A learning rate large enough that every update is visible in float32.
+    trainer = build(name, backbone, demo_root, tmp_path, "OPTIM.WARMUP_EPOCH", "0", "OPTIM.LR", "0.05")
+    frozen = {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}
+    images = torch.randn(3, 3, *trainer.backbone.image_size)
+    logits = trainer.model_inference(images)
+    assert logits.shape == (3, 6) and torch.isfinite(logits).all()
+    if name == "ZeroShotCLIP":
+        assert not any(p.requires_grad for p in trainer.backbone.model.parameters())
+        return
+
+    learnable = {k: v.clone() for k, v in trainable_state_dict(trainer.prompt_learner).items()}
+    assert learnable
+    trainer.before_train()
+    trainer.set_model_mode("train")
+    trainer.num_batches, trainer.batch_idx = 1, 0
+    summary = trainer.forward_backward(next(iter(trainer.train_loader_x)))
+    assert torch.isfinite(torch.tensor(summary["loss"]))
+
+    after = trainable_state_dict(trainer.prompt_learner)
+    assert set(after) == set(learnable)
+    grads = {k: p.grad for k, p in trainer.prompt_learner.named_parameters() if p.requires_grad}
+    # Every learnable tensor that got a gradient moved (a ReLU unit may be silent for one batch).
+    stuck = [k for k in after if grads[k] is not None and grads[k].abs().sum() > 0 and torch.equal(after[k], learnable[k])]
+    assert stuck == [], f"parameters with a gradient that did not move: {stuck}"
+    context = [k for k in after if k.endswith("ctx") or ".ctx" in k]
+    assert context and all(not torch.equal(after[k], learnable[k]) for k in context)
+    for k, v in trainer.backbone.model.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"frozen weight {k} changed"
+
+    # save / load round trip into a fresh trainer
+    trainer.save_model(0, str(tmp_path / "ckpt"))
+    saved = torch.load(tmp_path / "ckpt" / "prompt_learner" / "model.pth.tar-1", weights_only=False)["state_dict"]
+    assert set(saved) == set(after)
+    fresh = build(name, backbone, demo_root, tmp_path / "fresh")
+    fresh.load_model(str(tmp_path / "ckpt"))
+    for k, v in trainable_state_dict(fresh.prompt_learner).items():
+        assert torch.equal(v, after[k])
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, *trainer.backbone.image_size)
+    trainer.set_model_mode("eval")
+    assert torch.allclose(fresh.model_inference(images), trainer.model_inference(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["CoOp", "IVLP", "MaPLe"])
+def test_stacking_loads_medpromptclip_prompts(name, demo_root, tmp_path, capsys):
+    source = tmp_path / "medprompt"
+    code, err = run_train("--root", demo_root, "--trainer", "MedPromptCLIP", "--dataset-config-file", DEMO_CFG,
+                          "--config-file", recipe("MedPromptCLIP", "base2new"), "--output-dir", source, "--seed", "1",
+                          "OPTIM.MAX_EPOCH", "2", "TEST.NO_TEST", "True", capsys=capsys)
+    assert code == 0, err
+    saved = torch.load(source / "prompt_learner" / "model.pth.tar-2", weights_only=False)["state_dict"]
+    import train
+
+    args = train.build_parser().parse_args([
+        "--root", demo_root, "--trainer", name, "--dataset-config-file", DEMO_CFG,
+        "--config-file", recipe(name, "stacked"), "--output-dir", str(tmp_path / "stack"), "--init-from", str(source),
+        "DATASET.NUM_SHOTS", "2",
+    ])
+    trainer = TRAINER_REGISTRY.get(name)(train.setup_cfg(args))
+    text = trainer.prompt_learner if name == "CoOp" else trainer.prompt_learner.text
+    assert torch.equal(text.ctx.detach().cpu(), saved["ctx"])
+    if name != "CoOp":
+        for i, p in enumerate(text.deep_ctx):
+            assert torch.equal(p.detach().cpu(), saved[f"deep_ctx.{i}"])
+    assert trainer.run_info["init_from"]["loaded"][0] == "ctx"
+
+    out = tmp_path / "stack_run"
+    code, err = run_train("--root", demo_root, "--trainer", name, "--dataset-config-file", DEMO_CFG,
+                          "--config-file", recipe(name, "stacked"), "--output-dir", out, "--init-from", source,
+                          "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "1", capsys=capsys)
+    assert code == 0, err
+    assert read_results(out)["init_from"]["checkpoint"].endswith("model.pth.tar-2")
+
+
+def test_stacking_shape_mismatch_is_one_clear_error(demo_root, tmp_path, capsys):
+    source = tmp_path / "medprompt"
+    code, _ = run_train("--root", demo_root, "--trainer", "MedPromptCLIP", "--dataset-config-file", DEMO_CFG,
+                        "--config-file", recipe("MedPromptCLIP", "base2new"), "--output-dir", source,
+                        "OPTIM.MAX_EPOCH", "1", "TEST.NO_TEST", "True", capsys=capsys)
+    assert code == 0
+    out = tmp_path / "maple"
+    code, err = run_train("--root", demo_root, "--trainer", "MaPLe", "--dataset-config-file", DEMO_CFG,
+                          "--config-file", recipe("MaPLe", "base2new"), "--output-dir", out, "--init-from", source,
+                          capsys=capsys)
+    assert code == 2 and "has shape (6, 64) but MaPLe expects (4, 64)" in err
+    assert not (out / "results.json").exists()

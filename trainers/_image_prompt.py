@@ -1,0 +1,146 @@
+"""Shared wiring of the image-supervised prompt learners (CoOp, CoCoOp, IVLP, MaPLe).
+
+A subclass builds its learner module (all learnable tensors, nothing else) and
+computes logits; this base trains it with cross-entropy on few-shot images,
+and can start its text prompts from a MedPromptCLIP run (stacking).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from core.engine import CHECKPOINT_POINTER, load_checkpoint
+from core.errors import UserError
+from core.optim import build_lr_scheduler, build_optimizer
+from core.utils import count_parameters, logger
+
+from ._base import CLIPTrainer
+from ._prompt_layer import template_prefix
+
+
+def resolve_ctx_init(value, entry):
+    """CTX_INIT words; 'template' means the dataset template's leading words."""
+    return template_prefix(entry.template) if value == "template" else value
+
+
+def find_prompt_checkpoint(run_dir):
+    """Path of the latest prompt checkpoint of a MedPromptCLIP output folder."""
+    pointer = os.path.join(run_dir, "prompt_learner", CHECKPOINT_POINTER)
+    if not os.path.isfile(pointer):
+        raise UserError(
+            f"INIT_FROM {run_dir} holds no MedPromptCLIP prompts (expected {pointer}); "
+            f"give the output folder of a finished MedPromptCLIP training run"
+        )
+    with open(pointer, encoding="utf-8") as f:
+        return os.path.join(run_dir, "prompt_learner", f.read().strip())
+
+
+class ImagePromptTrainer(CLIPTrainer):
+    """Cross-entropy training of a prompt learner on labelled images."""
+
+    def build_learner(self):
+        """The nn.Module holding every learnable tensor of the method."""
+        raise NotImplementedError
+
+    def logits(self, images):
+        """Logits (batch, n_classes) for images (batch, 3, H, W) and the current classes."""
+        raise NotImplementedError
+
+    def text_prompt_targets(self):
+        """Where MedPromptCLIP tensors go: {source name: (target module, attribute)}."""
+        return {}
+
+    def build_model(self):
+        cfg = self.cfg
+        self.setup_backbone()
+        self.prompt_learner = self.build_learner().to(self.device)
+        self.model = self.prompt_learner
+        logger.info(
+            f"{cfg.TRAINER.NAME}: {count_parameters(self.prompt_learner, trainable_only=True)} learnable values"
+        )
+        if self.tcfg.INIT_FROM:
+            self.init_text_prompts(self.tcfg.INIT_FROM)
+        if cfg.MODEL.INIT_WEIGHTS:
+            self._load_into_learner(load_checkpoint(cfg.MODEL.INIT_WEIGHTS)["state_dict"], cfg.MODEL.INIT_WEIGHTS)
+        self.optim = build_optimizer(self.prompt_learner, cfg.OPTIM)
+        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
+        self.register_model("prompt_learner", self.prompt_learner, self.optim, self.sched)
+        self.scaler = self.make_grad_scaler()
+
+    def _load_into_learner(self, state_dict, source):
+        own = dict(self.prompt_learner.named_parameters())
+        for k, v in state_dict.items():
+            if k not in own or own[k].shape != v.shape:
+                raise UserError(f"{source}: tensor {k} {tuple(v.shape)} does not fit this {self.cfg.TRAINER.NAME} model")
+        with torch.no_grad():
+            for k, v in state_dict.items():
+                own[k].copy_(v)
+
+    def init_text_prompts(self, run_dir):
+        """Copy MedPromptCLIP's context and deep text prompts into this learner (stacking)."""
+        path = find_prompt_checkpoint(run_dir)
+        record = os.path.join(run_dir, "results.json")
+        if os.path.isfile(record):
+            with open(record, encoding="utf-8") as f:
+                source_backbone = json.load(f).get("backbone")
+            if source_backbone and source_backbone != self.cfg.MODEL.BACKBONE.NAME:
+                raise UserError(
+                    f"INIT_FROM {run_dir} was trained with backbone {source_backbone}, this run uses "
+                    f"{self.cfg.MODEL.BACKBONE.NAME}; stack on prompts learned with the same backbone"
+                )
+        source = load_checkpoint(path)["state_dict"]
+        targets = self.text_prompt_targets()
+        loaded, skipped = [], []
+        with torch.no_grad():
+            for name, tensor in source.items():
+                if name not in targets:
+                    skipped.append(name)
+                    continue
+                param = targets[name]
+                if param.shape == tensor.shape:
+                    param.copy_(tensor.to(param.device, param.dtype))
+                elif param.dim() == tensor.dim() + 1 and param.shape[1:] == tensor.shape:
+                    # Shared context into class-specific context: every class starts from it.
+                    param.copy_(tensor.to(param.device, param.dtype).expand_as(param))
+                else:
+                    raise UserError(
+                        f"MedPromptCLIP prompt {name} from {path} has shape {tuple(tensor.shape)} but "
+                        f"{self.cfg.TRAINER.NAME} expects {tuple(param.shape)}; train both with the same backbone, "
+                        f"number of context tokens (N_CTX/CTX_INIT) and text prompt depth"
+                    )
+                loaded.append(name)
+        if not loaded:
+            raise UserError(f"no tensor of {path} fits {self.cfg.TRAINER.NAME}'s text prompts")
+        logger.info(f"initialized text prompts from {path}: loaded {loaded}; not used {skipped}")
+        self.run_info["init_from"] = {"checkpoint": path, "loaded": loaded, "not_used": skipped}
+
+    def forward_backward(self, batch):
+        images, labels = self.parse_batch_train(batch)
+        with self.autocast():
+            logits = self.logits(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.step_with_scaler(loss)
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        acc = (logits.argmax(dim=1) == labels).float().mean().item() * 100
+        return {"loss": loss.item(), "acc": acc}
+
+    @torch.no_grad()
+    def model_inference(self, images):
+        with self.autocast():
+            return self.logits(images).float()
+
+    def normalized_image_features(self, images, prompts=None):
+        return F.normalize(self.image_encoder(images, prompts).float(), dim=-1)
+
+
+def add_common_keys(node, prec="fp32"):
+    """Keys every image-supervised prompt learner has."""
+    # Output folder of a MedPromptCLIP run whose text prompts initialize this learner
+    # (stacking); empty = start from CTX_INIT. train.py's --init-from sets it.
+    node.INIT_FROM = ""
+    # Precision: fp32, amp (autocast) or fp16 (half backbone, CUDA only).
+    node.PREC = prec

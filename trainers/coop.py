@@ -1,0 +1,49 @@
+"""CoOp: learnable context (shared or class-specific) before, around or after the class name."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from core.engine import TRAINER_REGISTRY
+
+from ._image_prompt import ImagePromptTrainer, add_common_keys, resolve_ctx_init
+from ._prompt_layer import PromptLearner
+
+
+def extend_cfg(cfg):
+    cfg.TRAINER.COOP = CN()
+    # Context tokens when CTX_INIT is empty (random initialization).
+    cfg.TRAINER.COOP.N_CTX = 16
+    # Words that initialize the context (their token count sets N_CTX); "template" = the
+    # dataset template's leading words; empty = random.
+    cfg.TRAINER.COOP.CTX_INIT = ""
+    # Class-specific context (one context per class) instead of one shared context.
+    cfg.TRAINER.COOP.CSC = False
+    # Where the class name sits: end, middle or front.
+    cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"
+    add_common_keys(cfg.TRAINER.COOP)
+
+
+@TRAINER_REGISTRY.register()
+class CoOp(ImagePromptTrainer):
+    cfg_key = "COOP"
+    uses_frozen_image_features = True
+
+    def build_learner(self):
+        t = self.tcfg
+        learner = PromptLearner(
+            self.text_encoder, self.prompt_tokenizer, n_ctx=t.N_CTX,
+            ctx_init=resolve_ctx_init(t.CTX_INIT, self.dataset_entry), class_specific=t.CSC,
+            n_cls=len(self.classnames), position=t.CLASS_TOKEN_POSITION,
+        )
+        self.tokens = learner.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
+        return learner
+
+    def text_prompt_targets(self):
+        return {"ctx": self.prompt_learner.ctx}
+
+    def class_text_features(self):
+        return F.normalize(self.prompt_learner(self.text_encoder, self.tokens).float(), dim=-1)
+
+    def logits(self, images):
+        return self.logit_scale * self.normalized_image_features(images) @ self.class_text_features().t()

@@ -1,0 +1,71 @@
+"""IVLP: independent deep prompts in the text and the vision branch."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from core.engine import TRAINER_REGISTRY
+from core.errors import UserError
+
+from ._image_prompt import ImagePromptTrainer, add_common_keys, resolve_ctx_init
+from ._prompt_layer import PromptLearner
+
+
+def extend_cfg(cfg):
+    cfg.TRAINER.IVLP = CN()
+    # Text context tokens when CTX_INIT is empty (random initialization).
+    cfg.TRAINER.IVLP.N_CTX_TEXT = 2
+    # Words that initialize the text context; "template" = the dataset template's leading words.
+    cfg.TRAINER.IVLP.CTX_INIT = "a photo of a"
+    # Visual prompt tokens appended to the patch tokens.
+    cfg.TRAINER.IVLP.N_CTX_VISION = 2
+    # Layers with prompts in each branch (1 = input only).
+    cfg.TRAINER.IVLP.PROMPT_DEPTH_TEXT = 9
+    cfg.TRAINER.IVLP.PROMPT_DEPTH_VISION = 9
+    add_common_keys(cfg.TRAINER.IVLP)
+
+
+class IVLPLearner(nn.Module):
+    """Text prompts (PromptLearner) and vision prompts: depth x (n_ctx_vision, vision width)."""
+
+    def __init__(self, text_prompts, n_ctx_vision, depth_vision, vision_width, init_std=0.02):
+        super().__init__()
+        self.text = text_prompts
+        self.vision = nn.ParameterList(
+            [nn.Parameter(torch.randn(n_ctx_vision, vision_width) * init_std) for _ in range(depth_vision)]
+        )
+
+
+@TRAINER_REGISTRY.register()
+class IVLP(ImagePromptTrainer):
+    cfg_key = "IVLP"
+
+    def build_learner(self):
+        t = self.tcfg
+        if t.PROMPT_DEPTH_VISION > 0 and not self.image_encoder.supports_prompts:
+            raise UserError(
+                f"IVLP vision prompts need an open_clip ViT image tower; set TRAINER.IVLP.PROMPT_DEPTH_VISION 0 "
+                f"for backbone {self.cfg.MODEL.BACKBONE.NAME}"
+            )
+        if t.PROMPT_DEPTH_VISION > self.image_encoder.num_layers:
+            raise UserError(
+                f"TRAINER.IVLP.PROMPT_DEPTH_VISION {t.PROMPT_DEPTH_VISION} exceeds the "
+                f"{self.image_encoder.num_layers} layers of the image encoder"
+            )
+        text = PromptLearner(self.text_encoder, self.prompt_tokenizer, n_ctx=t.N_CTX_TEXT,
+                             ctx_init=resolve_ctx_init(t.CTX_INIT, self.dataset_entry), depth=t.PROMPT_DEPTH_TEXT)
+        self.tokens = text.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
+        return IVLPLearner(text, t.N_CTX_VISION, t.PROMPT_DEPTH_VISION, self.image_encoder.width)
+
+    def text_prompt_targets(self):
+        text = self.prompt_learner.text
+        targets = {"ctx": text.ctx}
+        targets.update({f"deep_ctx.{i}": p for i, p in enumerate(text.deep_ctx)})
+        return targets
+
+    def logits(self, images):
+        image_features = self.normalized_image_features(images, list(self.prompt_learner.vision))
+        text = F.normalize(self.prompt_learner.text(self.text_encoder, self.tokens).float(), dim=-1)
+        return self.logit_scale * image_features @ text.t()

@@ -1,0 +1,68 @@
+"""MaPLe: deep text prompts coupled to vision prompts through per-layer linear maps."""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from core.engine import TRAINER_REGISTRY
+from core.errors import UserError
+
+from ._image_prompt import ImagePromptTrainer, add_common_keys, resolve_ctx_init
+from ._prompt_layer import PromptLearner
+
+
+def extend_cfg(cfg):
+    cfg.TRAINER.MAPLE = CN()
+    # Context tokens when CTX_INIT is empty (random initialization).
+    cfg.TRAINER.MAPLE.N_CTX = 2
+    # Words that initialize the context; "template" = the dataset template's leading words.
+    cfg.TRAINER.MAPLE.CTX_INIT = "a photo of a"
+    # Layers with coupled prompts in both branches (1 = input only).
+    cfg.TRAINER.MAPLE.PROMPT_DEPTH = 9
+    add_common_keys(cfg.TRAINER.MAPLE)
+
+
+class MaPLeLearner(nn.Module):
+    """Text prompts and one linear map (text width -> vision width) per prompted layer."""
+
+    def __init__(self, text_prompts, vision_width):
+        super().__init__()
+        self.text = text_prompts
+        text_width = text_prompts.ctx.shape[-1]
+        self.couplers = nn.ModuleList([nn.Linear(text_width, vision_width) for _ in range(text_prompts.depth)])
+
+    def vision_prompts(self):
+        """Vision prompts for layers 1..depth: each (n_ctx, vision width)."""
+        text_prompts = [self.text.ctx] + list(self.text.deep_ctx)
+        return [coupler(p) for coupler, p in zip(self.couplers, text_prompts)]
+
+
+@TRAINER_REGISTRY.register()
+class MaPLe(ImagePromptTrainer):
+    cfg_key = "MAPLE"
+
+    def build_learner(self):
+        t = self.tcfg
+        if not self.image_encoder.supports_prompts:
+            raise UserError(f"MaPLe needs an open_clip ViT image tower; backbone {self.cfg.MODEL.BACKBONE.NAME} has none")
+        if t.PROMPT_DEPTH > min(self.image_encoder.num_layers, self.text_encoder.num_layers):
+            raise UserError(
+                f"TRAINER.MAPLE.PROMPT_DEPTH {t.PROMPT_DEPTH} exceeds the layers of the backbone "
+                f"(text {self.text_encoder.num_layers}, vision {self.image_encoder.num_layers})"
+            )
+        text = PromptLearner(self.text_encoder, self.prompt_tokenizer, n_ctx=t.N_CTX,
+                             ctx_init=resolve_ctx_init(t.CTX_INIT, self.dataset_entry), depth=t.PROMPT_DEPTH)
+        self.tokens = text.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
+        return MaPLeLearner(text, self.image_encoder.width)
+
+    def text_prompt_targets(self):
+        text = self.prompt_learner.text
+        targets = {"ctx": text.ctx}
+        targets.update({f"deep_ctx.{i}": p for i, p in enumerate(text.deep_ctx)})
+        return targets
+
+    def logits(self, images):
+        image_features = self.normalized_image_features(images, self.prompt_learner.vision_prompts())
+        text = F.normalize(self.prompt_learner.text(self.text_encoder, self.tokens).float(), dim=-1)
+        return self.logit_scale * image_features @ text.t()
