@@ -190,19 +190,51 @@ def resolve_spec(name, pretrained=""):
     return {"arch": arch, "pretrained": pretrained}
 
 
-def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
-    """Build a backbone in eval mode with every parameter frozen."""
+def check_backbone(name, pretrained="", cache_dir=""):
+    """Resolve a backbone and check, within seconds and without building it, that its weights can be had.
+
+    Raises UserError naming the files needed and where to put them; returns the build spec.
+    """
     import open_clip
 
     cache_dir = cache_dir or None
     spec = resolve_spec(name, pretrained)
+    if "config" in spec:
+        if spec["weights"] and not os.path.isfile(spec["weights"]):
+            raise UserError(f"weights file for backbone '{name}' not found: {spec['weights']}")
+    elif "hub" in spec:
+        _require_hub_files(name, spec["hub"][len("hf-hub:"):], cache_dir)
+    elif "arch" in spec:
+        tag = spec.get("pretrained")
+        if not tag:
+            raise UserError(
+                f"backbone '{name}' needs weights: set MODEL.BACKBONE.PRETRAINED to an open_clip tag "
+                f"({', '.join(open_clip.list_pretrained_tags_by_model(spec['arch'])) or 'none known'}) or a weights file"
+            )
+        if not os.path.isfile(tag):
+            pcfg = open_clip.get_pretrained_cfg(spec["arch"], tag)
+            if not pcfg:
+                raise UserError(f"unknown pretrained tag '{tag}' for {spec['arch']}; give a known tag or a weights file")
+            hub = (pcfg.get("hf_hub") or "").strip("/")
+            if hub and not _hf_cached(hub, WEIGHT_FILES, cache_dir) and not _hub_reachable():
+                raise UserError(
+                    f"backbone '{name}': weights ({spec['arch']}, {tag}) are not on disk and the hub cannot be reached; "
+                    f"download {pcfg.get('url') or 'https://huggingface.co/' + hub} and set MODEL.BACKBONE.NAME "
+                    f"{spec['arch']} MODEL.BACKBONE.PRETRAINED <path to the file>"
+                )
+    return spec
+
+
+def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
+    """Build a backbone in eval mode with every parameter frozen."""
+    import open_clip
+
+    spec = check_backbone(name, pretrained, cache_dir)
+    cache_dir = cache_dir or None
     try:
         if "config" in spec:
-            if spec["weights"] and not os.path.isfile(spec["weights"]):
-                raise UserError(f"weights file for backbone '{name}' not found: {spec['weights']}")
             model, tokenizer = _build_from_config(name, spec["config"], spec["weights"], cache_dir, device)
         elif "hub" in spec:
-            _require_hub_files(name, spec["hub"][len("hf-hub:"):], cache_dir)
             model = open_clip.create_model(spec["hub"], device=device, cache_dir=cache_dir)
             tokenizer = open_clip.get_tokenizer(spec["hub"], cache_dir=cache_dir)
         elif "local" in spec:
@@ -216,24 +248,7 @@ def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
             model = open_clip.create_model("local-dir:" + spec["local"], device=device, **kwargs)
             tokenizer = open_clip.get_tokenizer("local-dir:" + spec["local"])
         else:
-            if not spec.get("pretrained"):
-                raise UserError(
-                    f"backbone '{name}' needs weights: set MODEL.BACKBONE.PRETRAINED to an open_clip tag "
-                    f"({', '.join(open_clip.list_pretrained_tags_by_model(spec['arch'])) or 'none known'}) or a weights file"
-                )
-            tag = spec["pretrained"]
-            if not os.path.isfile(tag):
-                pcfg = open_clip.get_pretrained_cfg(spec["arch"], tag)
-                if not pcfg:
-                    raise UserError(f"unknown pretrained tag '{tag}' for {spec['arch']}; give a known tag or a weights file")
-                hub = (pcfg.get("hf_hub") or "").strip("/")
-                if hub and not _hf_cached(hub, WEIGHT_FILES, cache_dir) and not _hub_reachable():
-                    raise UserError(
-                        f"backbone '{name}': weights ({spec['arch']}, {tag}) are not on disk and the hub cannot be reached; "
-                        f"download {pcfg.get('url') or 'https://huggingface.co/' + hub} and set MODEL.BACKBONE.NAME "
-                        f"{spec['arch']} MODEL.BACKBONE.PRETRAINED <path to the file>"
-                    )
-            model = open_clip.create_model(spec["arch"], pretrained=tag, device=device, cache_dir=cache_dir)
+            model = open_clip.create_model(spec["arch"], pretrained=spec["pretrained"], device=device, cache_dir=cache_dir)
             tokenizer = open_clip.get_tokenizer(spec["arch"])
     except UserError:
         raise

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# fewshot sweep over a dataset, a modality group or the demo: bash scripts/fewshot.sh TARGET
+# Settings from the environment: DATA, OUTPUT, BACKBONE, METHODS, SEEDS, SHOTS, OPTS
+# (see scripts/sweep.py for their defaults). Finished runs are skipped.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+    echo "usage: bash scripts/fewshot.sh TARGET   (a dataset, a modality group such as fundus or eye, or demo)" >&2
+    exit 2
+fi
+exec python "$(dirname "$0")/sweep.py" fewshot "$@"
