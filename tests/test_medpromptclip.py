@@ -153,3 +153,35 @@ def test_multi_modal_pools_descriptions_and_transfers(tmp_path, demo_root, capsy
     code, err = run_train(*train_args(demo_root, str(tmp_path / "b"), "tiny-clip", "DATASET.SUBSAMPLE_CLASSES", "base",
                                       "TRAINER.MEDPROMPTCLIP.DESCRIPTION_SOURCES", "['eye']"), capsys=capsys)
     assert code == 2 and "base-to-new training reads only" in err
+
+
+def test_one_backbone_copy_and_cached_image_features(tmp_path, demo_root):
+    trainer = build_trainer(tmp_path, demo_root)
+    backbone_storage = {p.data_ptr() for p in trainer.backbone.model.parameters()}
+    for module in (trainer.text_encoder, trainer.image_encoder):
+        assert {p.data_ptr() for p in module.parameters()} <= backbone_storage
+    calls = []
+    forward = trainer.image_encoder.forward
+    trainer.image_encoder.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    first = trainer.test()
+    n = len(calls)
+    second = trainer.test()
+    assert n > 0 and len(calls) == n  # the second evaluation encodes no image
+    assert first["accuracy"] == second["accuracy"]
+
+
+def test_mixed_precision_on_cpu_runs_and_fp16_needs_cuda(tmp_path, demo_root, capsys):
+    out = str(tmp_path / "amp")
+    code, err = run_train(*train_args(demo_root, out, "tiny-clip", "TRAINER.MEDPROMPTCLIP.PREC", "amp",
+                                      "OPTIM.MAX_EPOCH", "2"), capsys=capsys)
+    assert code == 0, err
+    assert "precision amp on cpu" in open(os.path.join(out, "log.txt")).read()
+    trainer = build_trainer(tmp_path, demo_root, "tiny-clip", "TRAINER.MEDPROMPTCLIP.PREC", "amp")
+    with trainer.autocast():
+        assert torch.is_autocast_enabled("cpu")
+        feats = trainer.prompted_features(torch.tensor([0, 1]))
+    assert feats.dtype == torch.float32  # normalized outside autocast for the loss
+    if not torch.cuda.is_available():
+        code, err = run_train(*train_args(demo_root, str(tmp_path / "fp16"), "tiny-clip",
+                                          "TRAINER.MEDPROMPTCLIP.PREC", "fp16"), capsys=capsys)
+        assert code == 2 and "PREC fp16 needs a CUDA device" in err
