@@ -321,12 +321,17 @@ class SimpleTrainer(TrainerBase):
         if loader is None:
             raise UserError(f"the {split} split of {self.cfg.DATASET.NAME} is empty; nothing to evaluate")
         logger.info(f"evaluate on the *{split}* set")
-        for batch in loader:
-            images, labels = self.parse_batch_test(batch)
-            self.evaluator.process(self.model_inference(images), labels)
+        for logits, labels in self.eval_outputs(split, loader):
+            self.evaluator.process(logits, labels)
         results = self.evaluator.evaluate()
         results["split"] = split
         return results
+
+    def eval_outputs(self, split, loader):
+        """(logits, labels) batches of a split; trainers may compute them differently (e.g. from cached features)."""
+        for batch in loader:
+            images, labels = self.parse_batch_test(batch)
+            yield self.model_inference(images), labels
 
     def parse_batch_test(self, batch):
         return batch["img"].to(self.device), batch["label"].to(self.device)

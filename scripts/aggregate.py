@@ -181,11 +181,14 @@ def fewshot_plot(rows, path):
         for method in method_order({r["method"] for r in items}):
             points = sorted((r["shots"], r["accuracy"]) for r in items if r["method"] == method)
             if points and points[0][0] == 0:
-                ax.axhline(points[0][1], linestyle="--", linewidth=1, label=f"{method} (0-shot)",
-                           color="gray" if method == "ZeroShotCLIP" else "tab:red")
+                ax.axhline(points[0][1], linestyle="--" if method == "ZeroShotCLIP" else ":", linewidth=1.2,
+                           label=f"{method} (0-shot)", color="gray" if method == "ZeroShotCLIP" else "black")
             else:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
         ax.set_xscale("log", base=2)
+        shots = sorted({r["shots"] for r in items if r["shots"] > 0})
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.minorticks_off()
         ax.set_xlabel("shots per class")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(dataset)

@@ -102,9 +102,10 @@ def test_batched_step_equals_per_pair_computation(tmp_path, demo_root, backbone,
         per_pair.append(F.normalize(f, dim=-1))
     reference = trainer.compute_loss(torch.cat(per_pair), trainer.description_features[descs])
     reference.backward()
+    # Equal up to float32 summation order.
     assert torch.allclose(batched, reference, rtol=1e-5, atol=1e-7)
     for a, b in zip(grads_batched, (p.grad for p in learner.parameters())):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-8)
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * float(a.abs().max()))
 
 
 def test_description_targets_are_encoded_once(tmp_path, demo_root, monkeypatch):

@@ -141,22 +141,12 @@ class CLIPTrainer(TrainerX):
         text = self.class_text_features()
         return self.logit_scale * self.encode_images(images) @ text.t()
 
-    @torch.no_grad()
-    def test(self, split=None):
+    def eval_outputs(self, split, loader):
         if not self.uses_frozen_image_features:
-            return super().test(split)
-        self.set_model_mode("eval")
-        self.evaluator.reset()
-        split = split or self.cfg.TEST.SPLIT
-        loader = self.val_loader if split == "val" else self.test_loader
-        if loader is None:
-            raise UserError(f"the {split} split of {self.cfg.DATASET.NAME} is empty; nothing to evaluate")
-        logger.info(f"evaluate on the *{split}* set")
+            yield from super().eval_outputs(split, loader)
+            return
         feats, labels = self.cached_image_features(split, loader)
-        text = self.class_text_features()
-        for start in range(0, len(feats), 4096):
-            logits = self.logit_scale * feats[start:start + 4096] @ text.t()
-            self.evaluator.process(logits, labels[start:start + 4096])
-        results = self.evaluator.evaluate()
-        results["split"] = split
-        return results
+        with torch.no_grad():
+            text = self.class_text_features()
+            for start in range(0, len(feats), 4096):
+                yield self.logit_scale * feats[start:start + 4096] @ text.t(), labels[start:start + 4096]

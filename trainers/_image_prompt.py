@@ -45,13 +45,29 @@ class ImagePromptTrainer(CLIPTrainer):
         """The nn.Module holding every learnable tensor of the method."""
         raise NotImplementedError
 
+    def vision_prompts(self):
+        """Visual prompts for the image encoder (list of (n_ctx, width)), or None."""
+        return None
+
     def logits(self, images):
         """Logits (batch, n_classes) for images (batch, 3, H, W) and the current classes."""
-        raise NotImplementedError
+        image_features = self.normalized_image_features(images, self.vision_prompts())
+        return self.logit_scale * image_features @ self.class_text_features().t()
+
+    def text_prompts(self):
+        """The PromptLearner holding this method's text context."""
+        return getattr(self.prompt_learner, "text", self.prompt_learner)
 
     def text_prompt_targets(self):
-        """Where MedPromptCLIP tensors go: {source name: (target module, attribute)}."""
-        return {}
+        """Where MedPromptCLIP's tensors go: {name in its checkpoint: parameter here}."""
+        text = self.text_prompts()
+        targets = {"ctx": text.ctx}
+        targets.update({f"deep_ctx.{i}": p for i, p in enumerate(text.deep_ctx)})
+        return targets
+
+    def class_text_features(self):
+        """Normalized prompted text features (n_cls, D) of the current classes."""
+        return F.normalize(self.text_prompts()(self.text_encoder, self.tokens).float(), dim=-1)
 
     def build_model(self):
         cfg = self.cfg

@@ -47,9 +47,6 @@ class CoCoOp(ImagePromptTrainer):
             dim = self.text_encoder(self.text_encoder.embed(self.tokens.ids[:1]), self.tokens.ids[:1]).shape[-1]
         return CoCoOpLearner(text, dim)
 
-    def text_prompt_targets(self):
-        return {"ctx": self.prompt_learner.text.ctx}
-
     def logits(self, images):
         image_features = self.normalized_image_features(images)  # (B, D)
         bias = self.prompt_learner.meta_net(image_features.to(self.prompt_learner.text.ctx.dtype))  # (B, width)

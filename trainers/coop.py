@@ -1,7 +1,6 @@
 """CoOp: learnable context (shared or class-specific) before, around or after the class name."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from core.engine import TRAINER_REGISTRY
@@ -38,12 +37,3 @@ class CoOp(ImagePromptTrainer):
         )
         self.tokens = learner.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
         return learner
-
-    def text_prompt_targets(self):
-        return {"ctx": self.prompt_learner.ctx}
-
-    def class_text_features(self):
-        return F.normalize(self.prompt_learner(self.text_encoder, self.tokens).float(), dim=-1)
-
-    def logits(self, images):
-        return self.logit_scale * self.normalized_image_features(images) @ self.class_text_features().t()

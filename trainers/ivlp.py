@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from core.engine import TRAINER_REGISTRY
@@ -59,13 +58,5 @@ class IVLP(ImagePromptTrainer):
         self.tokens = text.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
         return IVLPLearner(text, t.N_CTX_VISION, t.PROMPT_DEPTH_VISION, self.image_encoder.width)
 
-    def text_prompt_targets(self):
-        text = self.prompt_learner.text
-        targets = {"ctx": text.ctx}
-        targets.update({f"deep_ctx.{i}": p for i, p in enumerate(text.deep_ctx)})
-        return targets
-
-    def logits(self, images):
-        image_features = self.normalized_image_features(images, list(self.prompt_learner.vision))
-        text = F.normalize(self.prompt_learner.text(self.text_encoder, self.tokens).float(), dim=-1)
-        return self.logit_scale * image_features @ text.t()
+    def vision_prompts(self):
+        return list(self.prompt_learner.vision)
