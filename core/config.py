@@ -85,7 +85,7 @@ _C.MODEL.INIT_WEIGHTS = ""
 _C.MODEL.BACKBONE = CN()
 # Backbone: alias (tiny-clip, biomedclip, pmc-clip, ViT-B/16, ...), open_clip model name,
 # hf-hub:<repo id>, or a local folder holding open_clip_config.json and weights.
-_C.MODEL.BACKBONE.NAME = "tiny-clip"
+_C.MODEL.BACKBONE.NAME = "demo-clip"
 # open_clip pretrained tag or weights file for a plain open_clip model name; empty = the alias default.
 _C.MODEL.BACKBONE.PRETRAINED = ""
 # Folder for downloaded weights (open_clip/Hugging Face cache); empty = their default cache.
