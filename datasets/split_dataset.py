@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from core.data import DatasetBase, Datum, load_or_sample_fewshot
+from core.data import DatasetBase, Datum, load_or_sample_fewshot, subsample_classnames
 from core.errors import UserError
 from core.utils import logger, read_json
 
@@ -105,6 +105,4 @@ class SplitDataset(DatasetBase):
         """Hook for datasets that create their files on first use."""
 
     def subsample_classnames(self, subsample):
-        from core.data import subsample_classnames
-
         return subsample_classnames(self.entry.classnames, subsample)

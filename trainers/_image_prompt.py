@@ -79,21 +79,12 @@ class ImagePromptTrainer(CLIPTrainer):
         )
         if self.tcfg.INIT_FROM:
             self.init_text_prompts(self.tcfg.INIT_FROM)
-        if cfg.MODEL.INIT_WEIGHTS:
-            self._load_into_learner(load_checkpoint(cfg.MODEL.INIT_WEIGHTS)["state_dict"], cfg.MODEL.INIT_WEIGHTS)
         self.optim = build_optimizer(self.prompt_learner, cfg.OPTIM)
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
         self.register_model("prompt_learner", self.prompt_learner, self.optim, self.sched)
+        if cfg.MODEL.INIT_WEIGHTS:
+            self._load_state("prompt_learner", load_checkpoint(cfg.MODEL.INIT_WEIGHTS)["state_dict"], cfg.MODEL.INIT_WEIGHTS)
         self.scaler = self.make_grad_scaler()
-
-    def _load_into_learner(self, state_dict, source):
-        own = dict(self.prompt_learner.named_parameters())
-        for k, v in state_dict.items():
-            if k not in own or own[k].shape != v.shape:
-                raise UserError(f"{source}: tensor {k} {tuple(v.shape)} does not fit this {self.cfg.TRAINER.NAME} model")
-        with torch.no_grad():
-            for k, v in state_dict.items():
-                own[k].copy_(v)
 
     def init_text_prompts(self, run_dir):
         """Copy MedPromptCLIP's context and deep text prompts into this learner (stacking)."""

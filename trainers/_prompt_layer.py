@@ -15,11 +15,11 @@ None of these copy backbone weights: they hold references to the frozen modules.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import cached_property
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from core.errors import UserError
 
@@ -85,7 +85,7 @@ class PromptTokenizer:
             self.end_id = tokenizer.eot_token_id
             self.pad_id = 0
 
-    @property
+    @cached_property
     def placeholder_id(self):
         """Id written at context slots (their embeddings are replaced): the token of 'x'."""
         return self.encode("x")[0]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from core.engine import TRAINER_REGISTRY
+from core.engine import TRAINER_REGISTRY, load_checkpoint
 from core.errors import UserError
 from core.optim import build_lr_scheduler, build_optimizer
 from core.utils import count_parameters, logger
@@ -166,18 +166,13 @@ class MedPromptCLIP(CLIPTrainer):
             f"({'from ' + repr(ctx_init) if ctx_init else 'random'}), text depth {self.prompt_learner.depth}, "
             f"{count_parameters(self.prompt_learner, trainable_only=True)} learnable values"
         )
-        if cfg.MODEL.INIT_WEIGHTS:
-            self.load_init_weights(cfg.MODEL.INIT_WEIGHTS)
         self.optim = build_optimizer(self.prompt_learner, cfg.OPTIM)
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
         self.register_model("prompt_learner", self.prompt_learner, self.optim, self.sched)
+        if cfg.MODEL.INIT_WEIGHTS:
+            self._load_state("prompt_learner", load_checkpoint(cfg.MODEL.INIT_WEIGHTS)["state_dict"], cfg.MODEL.INIT_WEIGHTS)
+            logger.info(f"initialized prompts from {cfg.MODEL.INIT_WEIGHTS}")
         self.scaler = self.make_grad_scaler()
-
-    def load_init_weights(self, path):
-        from core.engine import load_checkpoint
-
-        self._load_state("prompt_learner", load_checkpoint(path)["state_dict"], path)
-        logger.info(f"initialized prompts from {path}")
 
     def tokens_for_rows(self, rows):
         """Prompt tokens for (dataset, classname) rows, each with its dataset's template."""
