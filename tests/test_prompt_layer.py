@@ -17,12 +17,17 @@ def test_text_encoder_reproduces_encode_text(backbones, name):
         assert torch.equal(te(te.embed(ids), ids), bb.model.encode_text(ids))
 
 
-@pytest.mark.parametrize("name", TINY_BACKBONES)
+@pytest.mark.parametrize("name", TINY_BACKBONES + ("tiny-timm-clip",))
 def test_image_encoder_reproduces_encode_image(backbones, name):
+    """Without prompts, and through the prompt path with zero prompt tokens."""
     bb = backbones(name)
+    encoder = ImageEncoder(bb.model)
+    assert encoder.supports_prompts and encoder.kind == ("timm" if "timm" in name else "native")
     images = torch.randn(3, 3, *bb.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(ImageEncoder(bb.model)(images), bb.model.encode_image(images))
+        reference = bb.model.encode_image(images)
+        assert torch.equal(encoder(images), reference)
+        assert torch.equal(encoder(images, [torch.zeros(0, encoder.width)] * 3), reference)
 
 
 @pytest.mark.parametrize("name", TINY_BACKBONES)
@@ -94,7 +99,7 @@ def test_place_replaces_only_masked_positions():
     assert x.abs().sum() == 0  # not in place
 
 
-@pytest.mark.parametrize("name", TINY_BACKBONES)
+@pytest.mark.parametrize("name", TINY_BACKBONES + ("tiny-timm-clip",))
 def test_visual_prompts_extend_the_image_encoder(backbones, name):
     bb = backbones(name)
     ie = ImageEncoder(bb.model)

@@ -122,3 +122,18 @@ def test_stacking_shape_mismatch_is_one_clear_error(demo_root, tmp_path, capsys)
                           capsys=capsys)
     assert code == 2 and "has shape (6, 64) but MaPLe expects (4, 64)" in err
     assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("name", ["MaPLe", "IVLP"])
+def test_visual_prompt_methods_on_a_timm_image_tower(name, demo_root, tmp_path):
+    """BiomedCLIP's shape: timm ViT image tower and BERT text tower."""
+    trainer = build(name, "tiny-timm-clip", demo_root, tmp_path, "OPTIM.WARMUP_EPOCH", "0")
+    assert trainer.image_encoder.kind == "timm"
+    trainer.before_train()
+    trainer.set_model_mode("train")
+    trainer.num_batches, trainer.batch_idx = 1, 0
+    before = {k: v.clone() for k, v in trainable_state_dict(trainer.prompt_learner).items()}
+    summary = trainer.forward_backward(next(iter(trainer.train_loader_x)))
+    assert torch.isfinite(torch.tensor(summary["loss"]))
+    vision = [k for k in before if k.startswith(("couplers", "vision"))]
+    assert vision and all(not torch.equal(before[k], trainable_state_dict(trainer.prompt_learner)[k]) for k in vision)

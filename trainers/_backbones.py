@@ -32,6 +32,8 @@ BACKBONE_CONFIG_DIR = os.path.join(PROJECT_DIR, "configs", "backbones")
 ALIASES = {
     "tiny-clip": {"config": "tiny-clip.json"},
     "tiny-bert-clip": {"config": "tiny-bert-clip.json"},
+    # BiomedCLIP's shape (timm ViT image tower, BERT text tower) at test size.
+    "tiny-timm-clip": {"config": "tiny-timm-clip.json"},
     "demo-clip": {"config": "demo-clip.json", "weights": "demo-clip/demo-clip.safetensors"},
     "pmc-clip": {"hub": "hf-hub:ryanyip7777/pmc_vit_l_14"},
     "biomedclip": {"hub": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"},

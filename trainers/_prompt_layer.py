@@ -256,55 +256,80 @@ class ImageEncoder(nn.Module):
     """A backbone's image tower with optional visual prompts.
 
     ``deep_prompts[0]`` (k, width) is appended after the patch tokens; each later
-    entry replaces those k tokens before the next layer.
+    entry replaces those k tokens before the next layer. Works on open_clip's own
+    ViT and on timm ViT towers (BiomedCLIP).
     """
 
     def __init__(self, clip_model):
         super().__init__()
+        from open_clip.timm_model import TimmModel
         from open_clip.transformer import VisionTransformer
 
         self.clip_model = [clip_model]  # a reference, not a registered submodule
         self.visual = clip_model.visual
-        self.supports_prompts = isinstance(self.visual, VisionTransformer) and self.visual.attn_pool is None
-        if self.supports_prompts:
-            self.width = self.visual.transformer.width
-            self.num_layers = len(self.visual.transformer.resblocks)
+        v = self.visual
+        self.kind = None
+        if isinstance(v, VisionTransformer) and v.attn_pool is None:
+            self.kind = "native"
+            self.blocks = v.transformer.resblocks
+            self.width = v.transformer.width
+        elif isinstance(v, TimmModel) and hasattr(v.trunk, "blocks") and hasattr(v.trunk, "_pos_embed"):
+            self.kind = "timm"
+            self.blocks = v.trunk.blocks
+            self.width = v.trunk.embed_dim
         else:
             self.width = None
-            self.num_layers = 0
+        self.supports_prompts = self.kind is not None
+        self.num_layers = len(self.blocks) if self.supports_prompts else 0
+
+    def _tokens(self, images):
+        """Patch and class tokens with positions, before the pre-norm: (n, 1 + patches, width)."""
+        v = self.visual
+        if self.kind == "timm":
+            t = v.trunk
+            return t.patch_drop(t._pos_embed(t.patch_embed(images)))
+        x = v.conv1(images.to(v.conv1.weight.dtype))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        return v.patch_dropout(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
+
+    def _pre_norm(self, x):
+        return self.visual.trunk.norm_pre(x) if self.kind == "timm" else self.visual.ln_pre(x)
+
+    def _block(self, block, x):
+        if self.kind == "native" and not getattr(self.visual.transformer, "batch_first", True):
+            return block(x.transpose(0, 1)).transpose(0, 1)
+        return block(x)
+
+    def _finish(self, x):
+        """Pooled, projected features from the final tokens (prompt tokens removed)."""
+        v = self.visual
+        if self.kind == "timm":
+            return v.head(v.trunk.forward_head(v.trunk.norm(x)))
+        pooled, _ = v._pool(x)
+        return pooled @ v.proj if v.proj is not None else pooled
 
     def forward(self, images, deep_prompts=None):
         """Features (n, embed_dim) of images (n, 3, H, W)."""
-        if not deep_prompts:
+        if deep_prompts is None or len(deep_prompts) == 0:
             return self.clip_model[0].encode_image(images)
         if not self.supports_prompts:
             raise UserError(
-                f"visual prompts need an open_clip ViT image tower; this backbone's image tower is "
+                f"visual prompts need a ViT image tower (open_clip or timm); this backbone's image tower is "
                 f"{type(self.visual).__name__}"
             )
         if len(deep_prompts) > self.num_layers:
             raise UserError(f"{len(deep_prompts)} visual prompt layers requested but the image encoder has {self.num_layers}")
-        v = self.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype))
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        x = v.patch_dropout(x)
-        n_prompt = deep_prompts[0].shape[-2]
-        first = deep_prompts[0]
-        first = first.unsqueeze(0).expand(x.shape[0], -1, -1) if first.dim() == 2 else first
-        x = v.ln_pre(torch.cat([x, first.to(x.dtype)], dim=1))
-        batch_first = getattr(v.transformer, "batch_first", True)
-        for i, block in enumerate(v.transformer.resblocks):
+        x = self._tokens(images)
+        n, n_prompt = x.shape[0], deep_prompts[0].shape[-2]
+        expand = lambda p: (p.unsqueeze(0).expand(n, -1, -1) if p.dim() == 2 else p).to(x.dtype)
+        x = self._pre_norm(torch.cat([x, expand(deep_prompts[0])], dim=1))
+        n_tokens = x.shape[1] - n_prompt
+        for i, block in enumerate(self.blocks):
             if 1 <= i < len(deep_prompts):
-                p = deep_prompts[i]
-                p = p.unsqueeze(0).expand(x.shape[0], -1, -1) if p.dim() == 2 else p
-                x = torch.cat([x[:, :-n_prompt], p.to(x.dtype)], dim=1)
-            x = block(x if batch_first else x.transpose(0, 1))
-            x = x if batch_first else x.transpose(0, 1)
-        x = x[:, :-n_prompt]
-        pooled, _ = v._pool(x)
-        return pooled @ v.proj if v.proj is not None else pooled
+                x = torch.cat([x[:, :n_tokens], expand(deep_prompts[i])], dim=1)
+            x = self._block(block, x)
+        return self._finish(x[:, :n_tokens])
 
 
 # --------------------------------------------------------------------------- learner

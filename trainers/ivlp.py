@@ -45,7 +45,7 @@ class IVLP(ImagePromptTrainer):
         t = self.tcfg
         if t.PROMPT_DEPTH_VISION > 0 and not self.image_encoder.supports_prompts:
             raise UserError(
-                f"IVLP vision prompts need an open_clip ViT image tower; set TRAINER.IVLP.PROMPT_DEPTH_VISION 0 "
+                f"IVLP vision prompts need a ViT image tower (open_clip or timm); set TRAINER.IVLP.PROMPT_DEPTH_VISION 0 "
                 f"for backbone {self.cfg.MODEL.BACKBONE.NAME}"
             )
         if t.PROMPT_DEPTH_VISION > self.image_encoder.num_layers:

@@ -44,7 +44,7 @@ class MaPLe(ImagePromptTrainer):
     def build_learner(self):
         t = self.tcfg
         if not self.image_encoder.supports_prompts:
-            raise UserError(f"MaPLe needs an open_clip ViT image tower; backbone {self.cfg.MODEL.BACKBONE.NAME} has none")
+            raise UserError(f"MaPLe needs a ViT image tower (open_clip or timm); backbone {self.cfg.MODEL.BACKBONE.NAME} has none")
         if t.PROMPT_DEPTH > min(self.image_encoder.num_layers, self.text_encoder.num_layers):
             raise UserError(
                 f"TRAINER.MAPLE.PROMPT_DEPTH {t.PROMPT_DEPTH} exceeds the layers of the backbone "
