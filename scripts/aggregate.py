@@ -50,7 +50,8 @@ def mean_std(values):
     if not values:
         return None, None
     m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    # One seed has no spread to report.
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
     return m, sd
 
 
@@ -67,9 +68,16 @@ def fmt(m, sd=None):
 
 
 def method_order(methods):
-    preferred = ["ZeroShotCLIP", "MedPromptCLIP", "CoOp", "CoCoOp", "IVLP", "MaPLe"]
-    return sorted(methods, key=lambda m: (preferred.index(m.split("+")[0].split("-")[0])
-                                          if m.split("+")[0].split("-")[0] in preferred else 99, m))
+    """Zero-shot first (template, ensemble, descriptions), then MedPromptCLIP, then the baselines."""
+    families = ["ZeroShotCLIP", "MedPromptCLIP", "CoOp", "CoCoOp", "IVLP", "MaPLe"]
+    variants = ["", "template", "ensemble", "descriptions"]
+
+    def key(method):
+        family, _, variant = method.split("+")[0].partition("-")
+        return (families.index(family) if family in families else len(families),
+                variants.index(variant) if variant in variants else len(variants), method)
+
+    return sorted(methods, key=key)
 
 
 # ---------------------------------------------------------------------------- base-to-new
