@@ -159,6 +159,14 @@ def main(argv=None):
             logger.info("--no-train: trainer built; nothing trained or evaluated")
             return 0
         results = None
+        learnable = any(p.requires_grad for m in trainer._models.values() for p in m.parameters())
+        if args.eval_only and learnable and not args.model_dir and not cfg.MODEL.INIT_WEIGHTS:
+            raise UserError(
+                f"{cfg.TRAINER.NAME} --eval-only needs --model-dir <output folder of its training run>; "
+                f"without it the prompts would be untrained"
+            )
+        if not args.eval_only and cfg.OPTIM.MAX_EPOCH < 1:
+            raise UserError(f"OPTIM.MAX_EPOCH must be at least 1 to train, not {cfg.OPTIM.MAX_EPOCH}")
         if args.eval_only:
             trainer.load_model(args.model_dir, epoch=args.load_epoch)
             results = trainer.test()

@@ -122,14 +122,17 @@ class DatasetBase:
         return output[0] if len(output) == 1 else output
 
     @staticmethod
-    def subsample_classes(*args, subsample="all"):
-        """Keep the base (first ceil(n/2) sorted labels) or new classes, relabelled from 0."""
+    def subsample_classes(*args, subsample="all", labels=None):
+        """Keep the base (first ceil(n/2) sorted labels) or new classes, relabelled from 0.
+
+        labels: every label of the dataset; by default the labels that occur in ``args``.
+        """
         subsample = subsample.lower()
         if subsample not in ("all", "base", "new"):
             raise UserError(f"DATASET.SUBSAMPLE_CLASSES must be all, base or new, not '{subsample}'")
         if subsample == "all":
             return args
-        labels = sorted({item.label for dataset in args for item in dataset})
+        labels = sorted(labels if labels is not None else {item.label for dataset in args for item in dataset})
         if len(labels) < 4:
             warnings.warn(
                 f"base-to-new split of a dataset with {len(labels)} classes is degenerate "
@@ -160,30 +163,33 @@ def subsample_classnames(classnames, subsample):
     return list(classnames)
 
 
-def load_or_sample_fewshot(dataset, path, train, val, num_shots, seed):
+def load_or_sample_fewshot(dataset, path, train, val, num_shots, seed, source_digest=""):
     """Few-shot train/val lists, cached as JSON (relative paths) at ``path``.
 
     The cache is written atomically, so two runs racing on the same file
     both end with a complete file; sampling is deterministic per seed, so
-    both write the same content.
+    both write the same content. ``source_digest`` identifies the split the
+    sample came from: a cache of another split is sampled again.
     """
     root = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
                 cached = json.load(f)
+            if cached.get("source_digest", "") != source_digest:
+                raise ValueError("the split file changed since this sample was drawn")
             base = os.path.normpath(os.path.join(root, cached["image_root"]))
             to_datum = lambda rows: [Datum(os.path.join(base, p), y, 0, c) for p, y, c in rows]
             return to_datum(cached["train"]), to_datum(cached["val"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            logger.info(f"few-shot cache {path} is unreadable; sampling again")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            logger.info(f"few-shot cache {path} not used ({e}); sampling again")
     train_fs = dataset.generate_fewshot_dataset(train, num_shots=num_shots, seed=seed)
     val_fs = dataset.generate_fewshot_dataset(val, num_shots=min(num_shots, 4), seed=seed)
     image_root = os.path.commonpath([os.path.dirname(d.impath) for d in train_fs + val_fs] or [root])
     rel = lambda items: [[os.path.relpath(d.impath, image_root), d.label, d.classname] for d in items]
     try:
         write_json_atomic(path, {
-            "num_shots": num_shots, "seed": seed,
+            "num_shots": num_shots, "seed": seed, "source_digest": source_digest,
             "image_root": os.path.relpath(image_root, root),
             "train": rel(train_fs), "val": rel(val_fs),
         }, indent=None)
@@ -211,6 +217,11 @@ def build_transform(cfg, is_train=True):
     to_rgb = T.Lambda(lambda im: im.convert("RGB"))
     if cfg.INPUT.NO_TRANSFORM:
         return T.Compose([to_rgb, T.Resize(size, interpolation=interp), T.ToTensor()])
+    if len(cfg.INPUT.PIXEL_MEAN) != 3 or len(cfg.INPUT.PIXEL_STD) != 3 or min(cfg.INPUT.PIXEL_STD) <= 0:
+        raise UserError(
+            f"INPUT.PIXEL_MEAN and INPUT.PIXEL_STD need three values each, std above 0 "
+            f"(got {tuple(cfg.INPUT.PIXEL_MEAN)} and {tuple(cfg.INPUT.PIXEL_STD)})"
+        )
     normalize = T.Normalize(mean=list(cfg.INPUT.PIXEL_MEAN), std=list(cfg.INPUT.PIXEL_STD))
     known = {"random_resized_crop", "random_flip", "center_crop", "normalize"}
     unknown = [t for t in cfg.INPUT.TRANSFORMS if t not in known]
@@ -266,6 +277,10 @@ class DatasetWrapper(Dataset):
 
 
 def build_data_loader(cfg, data_source, batch_size, transform, is_train):
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, not {batch_size} (DATALOADER.TRAIN_X/TEST.BATCH_SIZE)")
+    if cfg.DATALOADER.NUM_WORKERS < 0:
+        raise UserError(f"DATALOADER.NUM_WORKERS must be 0 or more, not {cfg.DATALOADER.NUM_WORKERS}")
     sampler_name = cfg.DATALOADER.TRAIN_X.SAMPLER if is_train else cfg.DATALOADER.TEST.SAMPLER
     if sampler_name not in ("RandomSampler", "SequentialSampler"):
         raise UserError(f"unknown sampler '{sampler_name}'; use RandomSampler or SequentialSampler")

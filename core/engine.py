@@ -18,7 +18,7 @@ from .data import DataManager
 from .errors import UserError
 from .evaluation import build_evaluator
 from .registry import Registry
-from .utils import logger, resolve_device, save_torch_atomic
+from .utils import atomic_open, logger, resolve_device, save_torch_atomic
 
 TRAINER_REGISTRY = Registry("trainer")
 
@@ -59,6 +59,13 @@ def trainable_state_dict(model):
     """Only the parameters that require gradients: what a prompt checkpoint holds."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     return OrderedDict((k, v.detach().cpu().clone()) for k, v in model.state_dict().items() if k in trainable)
+
+
+def schedule_settings(cfg):
+    """The OPTIM settings a saved optimizer and learning-rate schedule depend on."""
+    keys = ("NAME", "LR", "MAX_EPOCH", "LR_SCHEDULER", "STEPSIZE", "GAMMA", "WARMUP_EPOCH", "WARMUP_TYPE",
+            "WARMUP_CONS_LR", "WARMUP_MIN_LR", "WARMUP_RECOUNT")
+    return {k: (list(cfg.OPTIM[k]) if isinstance(cfg.OPTIM[k], (list, tuple)) else cfg.OPTIM[k]) for k in keys}
 
 
 def load_checkpoint(path):
@@ -108,11 +115,13 @@ class TrainerBase:
                 "optimizer": optim.state_dict() if optim is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None,
                 "val_result": val_result,
+                # What the learning-rate schedule depends on: a resume must use the same.
+                "optim_cfg": schedule_settings(self.cfg) if hasattr(self, "cfg") else None,
             }
             fname = model_name or f"model.pth.tar-{epoch + 1}"
             model_dir = os.path.join(directory, name)
             save_torch_atomic(checkpoint, os.path.join(model_dir, fname))
-            with open(os.path.join(model_dir, CHECKPOINT_POINTER), "w", encoding="utf-8") as f:
+            with atomic_open(os.path.join(model_dir, CHECKPOINT_POINTER), "w", encoding="utf-8") as f:
                 f.write(fname + "\n")
             logger.info(f"checkpoint saved to {os.path.join(model_dir, fname)}")
 
@@ -126,6 +135,14 @@ class TrainerBase:
             with open(pointer, encoding="utf-8") as f:
                 fname = f.read().strip()
             checkpoint = load_checkpoint(os.path.join(directory, name, fname))
+            saved = checkpoint.get("optim_cfg")
+            if saved is not None and hasattr(self, "cfg") and saved != schedule_settings(self.cfg):
+                changed = ", ".join(f"OPTIM.{k} {saved.get(k)} -> {v}" for k, v in schedule_settings(self.cfg).items()
+                                    if saved.get(k) != v)
+                raise UserError(
+                    f"{directory} holds a run with other optimization settings ({changed}); resuming it needs the "
+                    f"same settings: rerun with them, or give a new --output-dir"
+                )
             self._load_state(name, checkpoint["state_dict"], os.path.join(directory, name, fname))
             if self._optims[name] is not None and checkpoint.get("optimizer"):
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
@@ -317,6 +334,8 @@ class SimpleTrainer(TrainerBase):
         self.set_model_mode("eval")
         self.evaluator.reset()
         split = split or self.cfg.TEST.SPLIT
+        if split not in ("test", "val"):
+            raise UserError(f"TEST.SPLIT must be test or val, not '{split}'")
         loader = self.val_loader if split == "val" else self.test_loader
         if loader is None:
             raise UserError(f"the {split} split of {self.cfg.DATASET.NAME} is empty; nothing to evaluate")

@@ -6,6 +6,7 @@ The split file maps ``train``/``val``/``test`` to rows
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 from core.data import DatasetBase, Datum, load_or_sample_fewshot, subsample_classnames
@@ -76,10 +77,13 @@ class SplitDataset(DatasetBase):
             )
         if not os.path.isfile(split_path):
             raise UserError(
-                f"split file missing: {split_path}; create it with "
-                f"python -m datasets.make_split --images <class folders> --dataset {entry.name} --root {root}"
+                f"split file missing: {split_path}; put the images in one folder per class under "
+                f"{os.path.join(folder, entry.image_subdir)} and run "
+                f"python -m datasets.make_split --root {root} --dataset {entry.name}"
             )
         rows = read_split_rows(split_path, entry)
+        with open(split_path, "rb") as f:
+            split_digest = hashlib.sha1(f.read()).hexdigest()
         image_dir = os.path.join(folder, entry.image_subdir) if entry.image_subdir else folder
         to_datum = lambda items: [Datum(os.path.join(image_dir, p), y, 0, c) for p, y, c in items]
         train, val, test = to_datum(rows["train"]), to_datum(rows["val"]), to_datum(rows["test"])
@@ -90,10 +94,12 @@ class SplitDataset(DatasetBase):
         if num_shots >= 1:
             seed = cfg.SEED if cfg.SEED >= 0 else 1
             cache = os.path.join(folder, "split_fewshot", f"shot_{num_shots}-seed_{seed}.json")
-            train, val = load_or_sample_fewshot(self, cache, train, val, num_shots, seed)
+            train, val = load_or_sample_fewshot(self, cache, train, val, num_shots, seed, split_digest)
 
         subsample = cfg.DATASET.SUBSAMPLE_CLASSES
-        train, val, test = self.subsample_classes(train, val, test, subsample=subsample)
+        # Cut on the catalog's labels, so a class without rows cannot shift the names of the others.
+        train, val, test = self.subsample_classes(train, val, test, subsample=subsample,
+                                                  labels=range(entry.num_classes))
         classnames = self.subsample_classnames(subsample)
         logger.info(
             f"dataset {entry.name}: {len(classnames)} classes ({subsample}), "

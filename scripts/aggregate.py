@@ -37,8 +37,12 @@ def collect(root):
         rel = os.path.relpath(dirpath, root).split(os.sep)
         if len(rel) < 2:
             continue
-        with open(os.path.join(dirpath, "results.json"), encoding="utf-8") as f:
-            record = json.load(f)
+        try:
+            with open(os.path.join(dirpath, "results.json"), encoding="utf-8") as f:
+                record = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            print(f"warning: {os.path.join(dirpath, 'results.json')} is not valid JSON; left out", file=sys.stderr)
+            continue
         record["method"] = rel[1]
         record["path"] = dirpath
         records.append(record)
@@ -56,9 +60,9 @@ def mean_std(values):
 
 
 def harmonic_mean(base, new):
-    if base is None or new is None or base + new == 0:
+    if base is None or new is None:
         return None
-    return 2 * base * new / (base + new)
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
 def fmt(m, sd=None):

@@ -111,7 +111,7 @@ class Runner:
         with contextlib.redirect_stdout(io.StringIO()):
             code = train.main(argv)
         if code != 0:
-            raise SystemExit(f"run failed ({label}); see {os.path.join(out, 'log.txt')}")
+            raise UserError(f"run failed ({label}); its log is {os.path.join(out, 'log.txt')}")
         print(f"{prefix}: {time.time() - start:.0f}s", flush=True)
 
 

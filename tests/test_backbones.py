@@ -44,3 +44,36 @@ def test_missing_weights_fail_fast_with_instructions(name, message):
 def test_local_folder_needs_open_clip_config(tmp_path):
     with pytest.raises(UserError, match="no open_clip_config.json"):
         load_backbone(str(tmp_path))
+
+
+def test_half_precision_towers_take_float_images():
+    from trainers._prompt_layer import ImageEncoder
+
+    bb = load_backbone("tiny-clip")
+    bb.model.half()
+    encoder = ImageEncoder(bb.model)
+    images = torch.randn(2, 3, *bb.image_size)
+    assert encoder(images).dtype == torch.float16
+    assert encoder(images, [torch.zeros(2, encoder.width)] * 2).dtype == torch.float16
+
+
+def test_local_model_folder_with_bert_text_tower(tmp_path):
+    """A hub snapshot copied to a folder (BiomedCLIP's offline route): config, weights, BERT files."""
+    import json
+    import shutil
+
+    from trainers._backbones import BACKBONE_CONFIG_DIR
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model_cfg = json.load(open(f"{BACKBONE_CONFIG_DIR}/demo-clip.json"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    with pytest.raises(UserError, match="has no weights file"):
+        load_backbone(str(folder))
+    shutil.copy(f"{BACKBONE_CONFIG_DIR}/demo-clip/demo-clip.safetensors", folder / "open_clip_model.safetensors")
+    for name in ("config.json", "vocab.txt", "tokenizer_config.json"):
+        shutil.copy(f"{BACKBONE_CONFIG_DIR}/demo-bert/{name}", folder / name)
+    local, reference = load_backbone(str(folder)), load_backbone("demo-clip")
+    assert local.text_kind == "hf"
+    for (k, a), (_, b) in zip(local.model.state_dict().items(), reference.model.state_dict().items()):
+        assert torch.equal(a, b.to(a.dtype)), k

@@ -107,3 +107,26 @@ def test_cli_exit_code_and_single_line(tmp_path):
                           cwd=PROJECT_DIR, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: data root not found")
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["DATALOADER.TEST.BATCH_SIZE", "0"], "batch size must be at least 1"),
+    (["DATALOADER.NUM_WORKERS", "-1"], "NUM_WORKERS must be 0 or more"),
+    (["INPUT.PIXEL_STD", "(0.0, 0.0, 0.0)"], "std above 0"),
+    (["TEST.SPLIT", "foo"], "TEST.SPLIT must be test or val"),
+])
+def test_bad_values(tmp_path, demo_root, capsys, opts, message):
+    out = str(tmp_path / "out")
+    code, err = run_train(*zeroshot_args(demo_root, out, *opts), capsys=capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not os.path.exists(os.path.join(out, "results.json"))
+
+
+def test_learned_prompts_need_a_model_dir_and_epochs(tmp_path, demo_root, capsys):
+    args = ["--root", demo_root, "--trainer", "MedPromptCLIP", "--dataset-config-file", DEMO_CFG,
+            "--config-file", recipe("MedPromptCLIP", "base2new"), "--output-dir", str(tmp_path / "out")]
+    code, err = run_train(*args, "--eval-only", capsys=capsys)
+    assert code == 2 and "needs --model-dir" in err
+    code, err = run_train(*args, "OPTIM.MAX_EPOCH", "0", capsys=capsys)
+    assert code == 2 and "MAX_EPOCH must be at least 1" in err
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -112,3 +112,34 @@ def test_split_tool_rejects_unknown_class_folder(tmp_path):
     write_tree(tmp_path, "Head_CT", {"Normal_brain": 2, "tumour": 2})
     with pytest.raises(UserError, match="'tumour' .* not a class of Head_CT"):
         make_split(str(tmp_path), "Head_CT")
+
+
+def test_base_new_names_follow_labels_when_a_class_has_no_rows(tmp_path, demo_root):
+    import shutil
+
+    shutil.copytree(os.path.join(demo_root, "demo"), tmp_path / "demo", ignore=shutil.ignore_patterns("split_fewshot"))
+    split = json.loads((tmp_path / "demo" / "data_split.json").read_text())
+    for key in split:
+        split[key] = [row for row in split[key] if row[1] != 2]
+    (tmp_path / "demo" / "data_split.json").write_text(json.dumps(split))
+    build = DATASET_REGISTRY.get("demo")
+    for subsample in ("base", "new"):
+        ds = build(cfg_for(tmp_path, "demo", **{"DATASET.SUBSAMPLE_CLASSES": subsample}))
+        assert all(ds.classnames[d.label] == d.classname for d in ds.train_x + ds.test)
+    assert "tissue_streaks" in build(cfg_for(tmp_path, "demo", **{"DATASET.SUBSAMPLE_CLASSES": "base"})).classnames
+
+
+def test_fewshot_cache_of_another_split_is_resampled(tmp_path, demo_root):
+    import shutil
+
+    shutil.copytree(os.path.join(demo_root, "demo"), tmp_path / "demo", ignore=shutil.ignore_patterns("split_fewshot"))
+    build = DATASET_REGISTRY.get("demo")
+    cfg = cfg_for(tmp_path, "demo", **{"DATASET.NUM_SHOTS": 2, "SEED": 1})
+    first = {d.impath for d in build(cfg).train_x}
+    split = json.loads((tmp_path / "demo" / "data_split.json").read_text())
+    split["train"], split["test"] = split["test"], split["train"]
+    (tmp_path / "demo" / "data_split.json").write_text(json.dumps(split))
+    second = build(cfg)
+    test_paths = {d.impath for d in second.test}
+    assert not {d.impath for d in second.train_x} & test_paths
+    assert first & test_paths  # the old sample would have trained on test images

@@ -135,15 +135,35 @@ def test_checkpoint_holds_only_prompts_and_round_trips(tmp_path, demo_root, caps
         assert torch.equal(trainer.prompt_learner.state_dict()[k], v)
 
 
-def test_resume_continues_from_last_checkpoint(tmp_path, demo_root, capsys):
-    out = str(tmp_path / "run")
-    code, _ = run_train(*train_args(demo_root, out, "tiny-clip", "TEST.NO_TEST", "True", "OPTIM.MAX_EPOCH", "4"), capsys=capsys)
-    assert code == 0
-    code, _ = run_train(*train_args(demo_root, out, "tiny-clip", "TEST.NO_TEST", "True", "OPTIM.MAX_EPOCH", "6"), capsys=capsys)
-    assert code == 0
-    log = open(os.path.join(out, "log.txt")).read()
-    assert "resumed prompt_learner from model.pth.tar-4" in log
-    assert "epoch [5/6]" in log and log.count("epoch [1/6]") == 0
+def test_interrupted_run_resumes_to_the_same_prompts(tmp_path, demo_root, capsys, monkeypatch):
+    from trainers.medpromptclip import MedPromptCLIP
+
+    opts = ["TEST.NO_TEST", "True", "OPTIM.MAX_EPOCH", "6", "TRAIN.CHECKPOINT_FREQ", "1", "DATALOADER.TRAIN_X.BATCH_SIZE", "16"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert run_train(*train_args(demo_root, straight, "tiny-clip", *opts), capsys=capsys)[0] == 0
+
+    original = MedPromptCLIP.after_epoch
+
+    def stop_after_three(self):
+        original(self)
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MedPromptCLIP, "after_epoch", stop_after_three)
+    assert run_train(*train_args(demo_root, resumed, "tiny-clip", *opts), capsys=capsys)[0] == 130
+    assert not os.path.exists(os.path.join(resumed, "results.json"))
+    monkeypatch.setattr(MedPromptCLIP, "after_epoch", original)
+    assert run_train(*train_args(demo_root, resumed, "tiny-clip", *opts), capsys=capsys)[0] == 0
+    log = open(os.path.join(resumed, "log.txt")).read()
+    assert "resumed prompt_learner from model.pth.tar-3" in log
+
+    a = torch.load(os.path.join(straight, "prompt_learner", "model.pth.tar-6"), weights_only=False)["state_dict"]
+    b = torch.load(os.path.join(resumed, "prompt_learner", "model.pth.tar-6"), weights_only=False)["state_dict"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+    code, err = run_train(*train_args(demo_root, resumed, "tiny-clip", *opts[:2], "OPTIM.MAX_EPOCH", "9"), capsys=capsys)
+    assert code == 2 and "OPTIM.MAX_EPOCH 6 -> 9" in err
 
 
 def test_multi_modal_pools_descriptions_and_transfers(tmp_path, demo_root, capsys):

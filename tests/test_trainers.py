@@ -120,7 +120,7 @@ def test_stacking_shape_mismatch_is_one_clear_error(demo_root, tmp_path, capsys)
     code, err = run_train("--root", demo_root, "--trainer", "MaPLe", "--dataset-config-file", DEMO_CFG,
                           "--config-file", recipe("MaPLe", "base2new"), "--output-dir", out, "--init-from", source,
                           capsys=capsys)
-    assert code == 2 and "has shape (6, 64) but MaPLe expects (4, 64)" in err
+    assert code == 2 and "has shape (6, 64) but MaPLe expects (2, 64)" in err
     assert not (out / "results.json").exists()
 
 
@@ -137,3 +137,15 @@ def test_visual_prompt_methods_on_a_timm_image_tower(name, demo_root, tmp_path):
     assert torch.isfinite(torch.tensor(summary["loss"]))
     vision = [k for k in before if k.startswith(("couplers", "vision"))]
     assert vision and all(not torch.equal(before[k], trainable_state_dict(trainer.prompt_learner)[k]) for k in vision)
+
+
+def test_stacking_needs_a_medpromptclip_run(demo_root, tmp_path, capsys):
+    coop = tmp_path / "coop"
+    code, _ = run_train("--root", demo_root, "--trainer", "CoOp", "--dataset-config-file", DEMO_CFG,
+                        "--config-file", recipe("CoOp", "stacked"), "--output-dir", coop, "DATASET.NUM_SHOTS", "1",
+                        "OPTIM.MAX_EPOCH", "1", "TEST.NO_TEST", "True", capsys=capsys)
+    assert code == 0
+    code, err = run_train("--root", demo_root, "--trainer", "CoOp", "--dataset-config-file", DEMO_CFG,
+                          "--config-file", recipe("CoOp", "stacked"), "--output-dir", tmp_path / "x",
+                          "--init-from", coop, "DATASET.NUM_SHOTS", "1", capsys=capsys)
+    assert code == 2 and "is a CoOp run; give a MedPromptCLIP output folder" in err

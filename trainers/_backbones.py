@@ -206,6 +206,13 @@ def check_backbone(name, pretrained="", cache_dir=""):
             raise UserError(f"weights file for backbone '{name}' not found: {spec['weights']}")
     elif "hub" in spec:
         _require_hub_files(name, spec["hub"][len("hf-hub:"):], cache_dir)
+    elif "local" in spec:
+        weights = [f for f in os.listdir(spec["local"]) if f.endswith((".safetensors", ".bin", ".pth", ".pt"))]
+        if not weights:
+            raise UserError(
+                f"backbone folder {spec['local']} has no weights file (.safetensors, .bin or .pth); copy the model's "
+                f"weights (e.g. {WEIGHT_FILES[1]}) next to its open_clip_config.json"
+            )
     elif "arch" in spec:
         tag = spec.get("pretrained")
         if not tag:
@@ -244,8 +251,10 @@ def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
             kwargs = {}
             text_cfg = copy.deepcopy(model_cfg.get("text_cfg", {}))
             if text_cfg.get("hf_model_name") and os.path.isfile(os.path.join(spec["local"], "config.json")):
-                # The text encoder's own config sits in the folder: no hub look-up.
+                # The text encoder's own config sits in the folder: no hub look-up; its weights come
+                # with the CLIP checkpoint, not from a separate text-model file.
                 text_cfg["hf_model_name"] = spec["local"]
+                text_cfg["hf_model_pretrained"] = False
                 kwargs["text_cfg"] = text_cfg
             model = open_clip.create_model("local-dir:" + spec["local"], device=device, **kwargs)
             tokenizer = open_clip.get_tokenizer("local-dir:" + spec["local"])

@@ -6,7 +6,6 @@ and can start its text prompts from a MedPromptCLIP run (stacking).
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -15,8 +14,9 @@ import torch.nn.functional as F
 from core.engine import CHECKPOINT_POINTER, load_checkpoint
 from core.errors import UserError
 from core.optim import build_lr_scheduler, build_optimizer
-from core.utils import count_parameters, logger
+from core.utils import count_parameters, logger, read_json
 
+from ._backbones import resolve_spec
 from ._base import CLIPTrainer
 from ._prompt_layer import template_prefix
 
@@ -91,14 +91,18 @@ class ImagePromptTrainer(CLIPTrainer):
         path = find_prompt_checkpoint(run_dir)
         record = os.path.join(run_dir, "results.json")
         if os.path.isfile(record):
-            with open(record, encoding="utf-8") as f:
-                source_backbone = json.load(f).get("backbone")
-            if source_backbone and source_backbone != self.cfg.MODEL.BACKBONE.NAME:
+            source_run = read_json(record, what="results file")
+            if source_run.get("trainer", "MedPromptCLIP") != "MedPromptCLIP":
+                raise UserError(f"INIT_FROM {run_dir} is a {source_run['trainer']} run; give a MedPromptCLIP output folder")
+            source_backbone = source_run.get("backbone")
+            if source_backbone and resolve_spec(source_backbone) != resolve_spec(self.cfg.MODEL.BACKBONE.NAME):
                 raise UserError(
                     f"INIT_FROM {run_dir} was trained with backbone {source_backbone}, this run uses "
                     f"{self.cfg.MODEL.BACKBONE.NAME}; stack on prompts learned with the same backbone"
                 )
         source = load_checkpoint(path)["state_dict"]
+        if "ctx" not in source:
+            raise UserError(f"{path} holds no MedPromptCLIP context ('ctx'); give a MedPromptCLIP output folder")
         targets = self.text_prompt_targets()
         loaded, skipped = [], []
         with torch.no_grad():

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from core.errors import UserError
+from core.utils import logger
 
 
 def place(x, mask, values):
@@ -288,7 +289,7 @@ class ImageEncoder(nn.Module):
         if self.kind == "timm":
             t = v.trunk
             return t.patch_drop(t._pos_embed(t.patch_embed(images)))
-        x = v.conv1(images.to(v.conv1.weight.dtype))
+        x = v.conv1(images)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
         cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
         return v.patch_dropout(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
@@ -311,6 +312,8 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images, deep_prompts=None):
         """Features (n, embed_dim) of images (n, 3, H, W)."""
+        # Images arrive as float32; a half-precision tower (PREC fp16) needs them in its own dtype.
+        images = images.to(next(self.visual.parameters()).dtype)
         if deep_prompts is None or len(deep_prompts) == 0:
             return self.clip_model[0].encode_image(images)
         if not self.supports_prompts:
@@ -370,6 +373,8 @@ class PromptLearner(nn.Module):
         ctx_init = " ".join(ctx_init.replace("_", " ").split())
         if ctx_init:
             init_ids = tokenizer.encode(ctx_init)
+            if n_ctx != len(init_ids):
+                logger.info(f"context of {len(init_ids)} tokens from '{ctx_init}' (the token count of the init words)")
             n_ctx = len(init_ids)
             device = next(text_encoder.parameters()).device
             with torch.no_grad():

@@ -16,7 +16,8 @@ def extend_cfg(cfg):
     cfg.TRAINER.COCOOP = CN()
     # Context tokens when CTX_INIT is empty (random initialization).
     cfg.TRAINER.COCOOP.N_CTX = 4
-    # Words that initialize the context; "template" = the dataset template's leading words.
+    # Words that initialize the context; their token count sets the number of context tokens
+    # (N_CTX is then not used); "template" = the dataset template's leading words.
     cfg.TRAINER.COCOOP.CTX_INIT = "a photo of a"
     add_common_keys(cfg.TRAINER.COCOOP)
 

@@ -16,8 +16,9 @@ def extend_cfg(cfg):
     cfg.TRAINER.IVLP = CN()
     # Text context tokens when CTX_INIT is empty (random initialization).
     cfg.TRAINER.IVLP.N_CTX_TEXT = 2
-    # Words that initialize the text context; "template" = the dataset template's leading words.
-    cfg.TRAINER.IVLP.CTX_INIT = "a photo of a"
+    # Words that initialize the text context; their token count sets the number of context tokens
+    # (N_CTX_TEXT is then not used); "template" = the dataset template's leading words.
+    cfg.TRAINER.IVLP.CTX_INIT = "a photo"
     # Visual prompt tokens appended to the patch tokens.
     cfg.TRAINER.IVLP.N_CTX_VISION = 2
     # Layers with prompts in each branch (1 = input only).

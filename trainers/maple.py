@@ -15,8 +15,9 @@ def extend_cfg(cfg):
     cfg.TRAINER.MAPLE = CN()
     # Context tokens when CTX_INIT is empty (random initialization).
     cfg.TRAINER.MAPLE.N_CTX = 2
-    # Words that initialize the context; "template" = the dataset template's leading words.
-    cfg.TRAINER.MAPLE.CTX_INIT = "a photo of a"
+    # Words that initialize the context; their token count sets the number of context tokens
+    # (N_CTX is then not used); "template" = the dataset template's leading words.
+    cfg.TRAINER.MAPLE.CTX_INIT = "a photo"
     # Layers with coupled prompts in both branches (1 = input only).
     cfg.TRAINER.MAPLE.PROMPT_DEPTH = 9
     add_common_keys(cfg.TRAINER.MAPLE)

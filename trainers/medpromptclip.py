@@ -62,7 +62,7 @@ class TextPairLoader:
         self.batch_size = batch_size
         self.seed = seed
         self._pairs = None
-        self._epoch = 0
+        self.epoch = 0
 
     @property
     def pairs(self):
@@ -77,10 +77,10 @@ class TextPairLoader:
         pairs = self.pairs
         generator = torch.Generator()
         if self.seed is not None and self.seed >= 0:
-            generator.manual_seed(self.seed * 100003 + self._epoch)
+            generator.manual_seed(self.seed * 100003 + self.epoch)
         else:
             generator.seed()
-        self._epoch += 1
+        self.epoch += 1
         order = torch.randperm(len(pairs), generator=generator)
         for start in range(0, len(order), self.batch_size):
             chunk = pairs[order[start:start + self.batch_size]]
@@ -189,6 +189,8 @@ class MedPromptCLIP(CLIPTrainer):
             self.train_tokens = self.tokens_for_rows(self.train_rows)
             self.description_features = self.encode_descriptions(self.train_descriptions)
         super().before_train()
+        # A resumed run continues the shuffle order where the interrupted one stopped.
+        self.train_loader_x.epoch = self.start_epoch
 
     @torch.no_grad()
     def encode_descriptions(self, texts, batch_size=256):
