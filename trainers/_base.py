@@ -111,6 +111,16 @@ class CLIPTrainer(TrainerX):
             if p.requires_grad:
                 p.data = p.data.float()
 
+    @torch.no_grad()
+    def encode_texts(self, texts, batch_size=256):
+        """Normalized features (n, D) of plain texts through the frozen text encoder."""
+        feats = []
+        for start in range(0, len(texts), batch_size):
+            ids = self.prompt_tokenizer(texts[start:start + batch_size]).to(self.device)
+            with self.autocast():
+                feats.append(F.normalize(self.backbone.model.encode_text(ids).float(), dim=-1))
+        return torch.cat(feats)
+
     # ---------------------------------------------------------------- evaluation
     uses_frozen_image_features = False
 

@@ -187,20 +187,11 @@ class MedPromptCLIP(CLIPTrainer):
         if getattr(self, "description_features", None) is None:
             _ = self.train_loader_x.pairs  # build pairs (reads descriptions) before anything else
             self.train_tokens = self.tokens_for_rows(self.train_rows)
-            self.description_features = self.encode_descriptions(self.train_descriptions)
+            # The frozen targets are encoded once per run, not per step.
+            self.description_features = self.encode_texts(self.train_descriptions)
         super().before_train()
         # A resumed run continues the shuffle order where the interrupted one stopped.
         self.train_loader_x.epoch = self.start_epoch
-
-    @torch.no_grad()
-    def encode_descriptions(self, texts, batch_size=256):
-        """Normalized frozen features (n, D) of the description targets, encoded once per run."""
-        feats = []
-        for start in range(0, len(texts), batch_size):
-            ids = self.prompt_tokenizer(texts[start:start + batch_size]).to(self.device)
-            with self.autocast():
-                feats.append(F.normalize(self.backbone.model.encode_text(ids).float(), dim=-1))
-        return torch.cat(feats)
 
     def parse_batch_train(self, batch):
         return batch["class_index"].to(self.device), batch["description_index"].to(self.device)

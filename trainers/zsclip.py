@@ -30,16 +30,8 @@ def extend_cfg(cfg):
     cfg.TRAINER.ZEROSHOTCLIP.PREC = "fp32"
 
 
-@torch.no_grad()
-def encode_text_groups(trainer, groups, batch_size=256):
-    """Mean of normalized text features per group of texts, renormalized: (n_groups, D)."""
-    flat = [t for g in groups for t in g]
-    feats = []
-    for start in range(0, len(flat), batch_size):
-        ids = trainer.prompt_tokenizer(flat[start:start + batch_size]).to(trainer.device)
-        with trainer.autocast():
-            feats.append(F.normalize(trainer.backbone.model.encode_text(ids).float(), dim=-1))
-    feats = torch.cat(feats)
+def mean_features(feats, groups):
+    """Mean of each group's rows of ``feats`` (n, D), renormalized: (n_groups, D)."""
     out, i = [], 0
     for g in groups:
         out.append(F.normalize(feats[i:i + len(g)].mean(0), dim=-1))
@@ -78,7 +70,7 @@ class ZeroShotCLIP(CLIPTrainer):
         texts = self.class_prompt_texts()
         logger.info(f"zero-shot prompts ({self.tcfg.PROMPT}), e.g. '{texts[0][0]}'")
         self.run_info["prompt_mode"] = self.tcfg.PROMPT
-        self.text_features = encode_text_groups(self, texts)
+        self.text_features = mean_features(self.encode_texts([t for group in texts for t in group]), texts)
         self.model = self.backbone.model
 
     def class_text_features(self):
