@@ -105,12 +105,6 @@ class CLIPTrainer(TrainerX):
                 self.scaler.step(self._optims[name])
         self.scaler.update()
 
-    def trainable_to_float(self, module):
-        """Learnable tensors stay fp32 even when the frozen backbone runs in fp16."""
-        for p in module.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-
     @torch.no_grad()
     def encode_texts(self, texts, batch_size=256):
         """Normalized features (n, D) of plain texts through the frozen text encoder."""
