@@ -176,7 +176,7 @@ def load_or_sample_fewshot(dataset, path, train, val, num_shots, seed, source_di
         try:
             with open(path, encoding="utf-8") as f:
                 cached = json.load(f)
-            if cached.get("source_digest", "") != source_digest:
+            if not isinstance(cached, dict) or cached.get("source_digest", "") != source_digest:
                 raise ValueError("the split file changed since this sample was drawn")
             base = os.path.normpath(os.path.join(root, cached["image_root"]))
             to_datum = lambda rows: [Datum(os.path.join(base, p), y, 0, c) for p, y, c in rows]

@@ -63,8 +63,9 @@ def trainable_state_dict(model):
 
 def schedule_settings(cfg):
     """The OPTIM settings a saved optimizer and learning-rate schedule depend on."""
-    keys = ("NAME", "LR", "MAX_EPOCH", "LR_SCHEDULER", "STEPSIZE", "GAMMA", "WARMUP_EPOCH", "WARMUP_TYPE",
-            "WARMUP_CONS_LR", "WARMUP_MIN_LR", "WARMUP_RECOUNT")
+    keys = ("NAME", "LR", "WEIGHT_DECAY", "MOMENTUM", "SGD_DAMPNING", "SGD_NESTEROV", "ADAM_BETA1", "ADAM_BETA2",
+            "MAX_EPOCH", "LR_SCHEDULER", "STEPSIZE", "GAMMA", "WARMUP_EPOCH", "WARMUP_TYPE", "WARMUP_CONS_LR",
+            "WARMUP_MIN_LR", "WARMUP_RECOUNT")
     return {k: (list(cfg.OPTIM[k]) if isinstance(cfg.OPTIM[k], (list, tuple)) else cfg.OPTIM[k]) for k in keys}
 
 
@@ -289,7 +290,9 @@ class SimpleTrainer(TrainerBase):
         self.best_result = -float("inf")
 
     def check_cfg(self, cfg):
-        """Validate trainer-specific settings; raise UserError on a bad one."""
+        """Validate settings before anything is built or trained; raise UserError on a bad one."""
+        if cfg.TEST.SPLIT not in ("test", "val"):
+            raise UserError(f"TEST.SPLIT must be test or val, not '{cfg.TEST.SPLIT}'")
 
     def build_data_loader(self):
         dm = DataManager(self.cfg)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+from pathlib import Path
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -207,8 +208,10 @@ def check_backbone(name, pretrained="", cache_dir=""):
     elif "hub" in spec:
         _require_hub_files(name, spec["hub"][len("hf-hub:"):], cache_dir)
     elif "local" in spec:
-        weights = [f for f in os.listdir(spec["local"]) if f.endswith((".safetensors", ".bin", ".pth", ".pt"))]
-        if not weights:
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        # The same search open_clip's local-dir loading does: what it would not find would load as random weights.
+        if _find_checkpoint_in_dir(Path(spec["local"])) is None:
             raise UserError(
                 f"backbone folder {spec['local']} has no weights file (.safetensors, .bin or .pth); copy the model's "
                 f"weights (e.g. {WEIGHT_FILES[1]}) next to its open_clip_config.json"

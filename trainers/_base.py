@@ -37,6 +37,7 @@ class CLIPTrainer(TrainerX):
         return self.tcfg.PREC if self.tcfg is not None and "PREC" in self.tcfg else "fp32"
 
     def check_cfg(self, cfg):
+        super().check_cfg(cfg)
         node = cfg.TRAINER[self.cfg_key] if self.cfg_key else None
         if node is not None and "PREC" in node and node.PREC not in PRECISIONS:
             raise UserError(f"TRAINER.{self.cfg_key}.PREC must be one of {', '.join(PRECISIONS)}, not '{node.PREC}'")
