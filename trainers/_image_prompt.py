@@ -18,7 +18,7 @@ from core.utils import count_parameters, logger, read_json
 
 from ._backbones import resolve_spec
 from ._base import CLIPTrainer
-from ._prompt_layer import template_prefix
+from ._prompt_layer import PromptLearner, template_prefix
 
 
 def resolve_ctx_init(value, entry):
@@ -53,6 +53,23 @@ class ImagePromptTrainer(CLIPTrainer):
         """Logits (batch, n_classes) for images (batch, 3, H, W) and the current classes."""
         image_features = self.normalized_image_features(images, self.vision_prompts())
         return self.logit_scale * image_features @ self.class_text_features().t()
+
+    def build_text_prompts(self, n_ctx, depth=1, **kwargs):
+        """The method's PromptLearner (context from TRAINER.<NAME>.CTX_INIT); sets the class tokens."""
+        text = PromptLearner(self.text_encoder, self.prompt_tokenizer, n_ctx=n_ctx, depth=depth,
+                             ctx_init=resolve_ctx_init(self.tcfg.CTX_INIT, self.dataset_entry), **kwargs)
+        self.tokens = text.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
+        return text
+
+    def require_visual_prompts(self, depth, key):
+        """Raise a UserError unless the image tower takes ``depth`` layers of visual prompts."""
+        if not self.image_encoder.supports_prompts:
+            raise UserError(
+                f"{self.cfg.TRAINER.NAME} vision prompts need a ViT image tower (open_clip or timm); backbone "
+                f"{self.cfg.MODEL.BACKBONE.NAME} has none"
+            )
+        if depth > self.image_encoder.num_layers:
+            raise UserError(f"{key} {depth} exceeds the {self.image_encoder.num_layers} layers of the image encoder")
 
     def text_prompts(self):
         """The PromptLearner holding this method's text context."""

@@ -8,8 +8,7 @@ from yacs.config import CfgNode as CN
 
 from core.engine import TRAINER_REGISTRY
 
-from ._image_prompt import ImagePromptTrainer, add_common_keys, resolve_ctx_init
-from ._prompt_layer import PromptLearner
+from ._image_prompt import ImagePromptTrainer, add_common_keys
 
 
 def extend_cfg(cfg):
@@ -40,10 +39,7 @@ class CoCoOp(ImagePromptTrainer):
     cfg_key = "COCOOP"
 
     def build_learner(self):
-        t = self.tcfg
-        text = PromptLearner(self.text_encoder, self.prompt_tokenizer, n_ctx=t.N_CTX,
-                             ctx_init=resolve_ctx_init(t.CTX_INIT, self.dataset_entry))
-        self.tokens = text.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
+        text = self.build_text_prompts(self.tcfg.N_CTX)
         with torch.no_grad():  # the joint embedding size, whatever the text tower
             dim = self.text_encoder(self.text_encoder.embed(self.tokens.ids[:1]), self.tokens.ids[:1]).shape[-1]
         return CoCoOpLearner(text, dim)

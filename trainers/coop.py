@@ -5,8 +5,7 @@ from yacs.config import CfgNode as CN
 
 from core.engine import TRAINER_REGISTRY
 
-from ._image_prompt import ImagePromptTrainer, add_common_keys, resolve_ctx_init
-from ._prompt_layer import PromptLearner
+from ._image_prompt import ImagePromptTrainer, add_common_keys
 
 
 def extend_cfg(cfg):
@@ -30,10 +29,5 @@ class CoOp(ImagePromptTrainer):
 
     def build_learner(self):
         t = self.tcfg
-        learner = PromptLearner(
-            self.text_encoder, self.prompt_tokenizer, n_ctx=t.N_CTX,
-            ctx_init=resolve_ctx_init(t.CTX_INIT, self.dataset_entry), class_specific=t.CSC,
-            n_cls=len(self.classnames), position=t.CLASS_TOKEN_POSITION,
-        )
-        self.tokens = learner.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
-        return learner
+        return self.build_text_prompts(t.N_CTX, class_specific=t.CSC, n_cls=len(self.classnames),
+                                       position=t.CLASS_TOKEN_POSITION)

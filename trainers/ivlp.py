@@ -6,10 +6,8 @@ import torch.nn as nn
 from yacs.config import CfgNode as CN
 
 from core.engine import TRAINER_REGISTRY
-from core.errors import UserError
 
-from ._image_prompt import ImagePromptTrainer, add_common_keys, resolve_ctx_init
-from ._prompt_layer import PromptLearner
+from ._image_prompt import ImagePromptTrainer, add_common_keys
 
 
 def extend_cfg(cfg):
@@ -44,19 +42,9 @@ class IVLP(ImagePromptTrainer):
 
     def build_learner(self):
         t = self.tcfg
-        if t.PROMPT_DEPTH_VISION > 0 and not self.image_encoder.supports_prompts:
-            raise UserError(
-                f"IVLP vision prompts need a ViT image tower (open_clip or timm); set TRAINER.IVLP.PROMPT_DEPTH_VISION 0 "
-                f"for backbone {self.cfg.MODEL.BACKBONE.NAME}"
-            )
-        if t.PROMPT_DEPTH_VISION > self.image_encoder.num_layers:
-            raise UserError(
-                f"TRAINER.IVLP.PROMPT_DEPTH_VISION {t.PROMPT_DEPTH_VISION} exceeds the "
-                f"{self.image_encoder.num_layers} layers of the image encoder"
-            )
-        text = PromptLearner(self.text_encoder, self.prompt_tokenizer, n_ctx=t.N_CTX_TEXT,
-                             ctx_init=resolve_ctx_init(t.CTX_INIT, self.dataset_entry), depth=t.PROMPT_DEPTH_TEXT)
-        self.tokens = text.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
+        if t.PROMPT_DEPTH_VISION > 0:
+            self.require_visual_prompts(t.PROMPT_DEPTH_VISION, "TRAINER.IVLP.PROMPT_DEPTH_VISION")
+        text = self.build_text_prompts(t.N_CTX_TEXT, depth=t.PROMPT_DEPTH_TEXT)
         return IVLPLearner(text, t.N_CTX_VISION, t.PROMPT_DEPTH_VISION, self.image_encoder.width)
 
     def vision_prompts(self):

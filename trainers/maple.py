@@ -5,10 +5,8 @@ import torch.nn as nn
 from yacs.config import CfgNode as CN
 
 from core.engine import TRAINER_REGISTRY
-from core.errors import UserError
 
-from ._image_prompt import ImagePromptTrainer, add_common_keys, resolve_ctx_init
-from ._prompt_layer import PromptLearner
+from ._image_prompt import ImagePromptTrainer, add_common_keys
 
 
 def extend_cfg(cfg):
@@ -44,17 +42,9 @@ class MaPLe(ImagePromptTrainer):
 
     def build_learner(self):
         t = self.tcfg
-        if not self.image_encoder.supports_prompts:
-            raise UserError(f"MaPLe needs a ViT image tower (open_clip or timm); backbone {self.cfg.MODEL.BACKBONE.NAME} has none")
-        if t.PROMPT_DEPTH > min(self.image_encoder.num_layers, self.text_encoder.num_layers):
-            raise UserError(
-                f"TRAINER.MAPLE.PROMPT_DEPTH {t.PROMPT_DEPTH} exceeds the layers of the backbone "
-                f"(text {self.text_encoder.num_layers}, vision {self.image_encoder.num_layers})"
-            )
-        text = PromptLearner(self.text_encoder, self.prompt_tokenizer, n_ctx=t.N_CTX,
-                             ctx_init=resolve_ctx_init(t.CTX_INIT, self.dataset_entry), depth=t.PROMPT_DEPTH)
-        self.tokens = text.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
-        return MaPLeLearner(text, self.image_encoder.width)
+        # Text depth is checked by the PromptLearner; vision depth here.
+        self.require_visual_prompts(t.PROMPT_DEPTH, "TRAINER.MAPLE.PROMPT_DEPTH")
+        return MaPLeLearner(self.build_text_prompts(t.N_CTX, depth=t.PROMPT_DEPTH), self.image_encoder.width)
 
     def vision_prompts(self):
         return self.prompt_learner.vision_prompts()
