@@ -4,19 +4,22 @@
   - an alias below (``biomedclip``, ``pmc-clip``, ``ViT-B/16``, ``tiny-clip``, ...),
   - an open_clip architecture name with ``MODEL.BACKBONE.PRETRAINED`` a tag or weights file,
   - ``hf-hub:<repo id>``,
-  - a local folder holding ``open_clip_config.json`` and the weights (a hub snapshot).
+  - a local folder holding ``open_clip_config.json`` and the weights (a hub snapshot),
+  - an OpenAI-format weights file (TorchScript or state dict), or a folder holding one:
+    the architecture is read from the tensor shapes (``_weight_files.py``).
 The tiny test backbones are open_clip model configs kept in ``configs/backbones``,
 built through the same call with random weights.
 """
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import logging
 import os
 import socket
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import torch
@@ -24,19 +27,24 @@ import torch
 from core.errors import UserError
 from core.utils import logger
 
+from ._weight_files import WEIGHT_SUFFIXES, infer_model_cfg, load_into, read_state_dict, sha256_of, shape_differences
+
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONE_CONFIG_DIR = os.path.join(PROJECT_DIR, "configs", "backbones")
 
 # alias -> how to build it. "config": a JSON under configs/backbones (random init
 # unless "weights" names a file next to it); "hub": an hf-hub id; "arch"+"pretrained":
-# an open_clip architecture and pretrained tag.
+# an open_clip architecture and pretrained tag. "file_arch": the open_clip architecture of
+# the hub model, used when MODEL.BACKBONE.PRETRAINED gives its weights as a file instead.
 ALIASES = {
     "tiny-clip": {"config": "tiny-clip.json"},
     "tiny-bert-clip": {"config": "tiny-bert-clip.json"},
     # BiomedCLIP's shape (timm ViT image tower, BERT text tower) at test size.
     "tiny-timm-clip": {"config": "tiny-timm-clip.json"},
     "demo-clip": {"config": "demo-clip.json", "weights": "demo-clip/demo-clip.safetensors"},
-    "pmc-clip": {"hub": "hf-hub:ryanyip7777/pmc_vit_l_14"},
+    # The hub's open_clip_config.json is open_clip's ViT-L-14 (GELU, as it was fine-tuned with open_clip);
+    # the same architecture takes pmc_vit_l_14_weights.pt, the file the original instructions name.
+    "pmc-clip": {"hub": "hf-hub:ryanyip7777/pmc_vit_l_14", "file_arch": "ViT-L-14"},
     "biomedclip": {"hub": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"},
     "vit-b/16": {"arch": "ViT-B-16-quickgelu", "pretrained": "openai"},
     "vit-l/14": {"arch": "ViT-L-14-quickgelu", "pretrained": "openai"},
@@ -59,6 +67,9 @@ class Backbone:
     std: tuple
     interpolation: str
     context_length: int
+    # What the features depend on: name, weights (file, tag or hub id), their sha256 and
+    # format, and the open_clip model config. JSON-serializable; recorded in results.json.
+    identity: dict = field(default_factory=dict)
 
 
 def _hub_reachable(timeout=3.0):
@@ -84,6 +95,8 @@ def _hf_cached(repo_id, filenames, cache_dir=None):
 
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _require_hub_files(display, repo_id, cache_dir):
@@ -118,6 +131,17 @@ def _absolutize_hf_text(model_cfg, base_dir):
     return text_cfg
 
 
+def _quiet_create(*args, **kwargs):
+    """open_clip.create_model without its warning that no weights were loaded (they are loaded after)."""
+    import open_clip
+
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(*args, **kwargs)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _build_from_config(display, config_file, weights, cache_dir, device):
     import open_clip
 
@@ -130,19 +154,58 @@ def _build_from_config(display, config_file, weights, cache_dir, device):
         # Test-sized towers are random-initialized from the config in the repo.
         text_cfg["hf_model_pretrained"] = False
         kwargs["text_cfg"] = text_cfg
-    # Random initialization is what a test-sized config asks for: silence open_clip's warning about
-    # it, and seed it so that every run (training, then --eval-only) gets the same backbone.
-    logging.disable(logging.WARNING)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = open_clip.create_model(
-                arch, pretrained=weights or None, device=device, cache_dir=cache_dir,
-                force_preprocess_cfg=preprocess_cfg or None, pretrained_text=False, **kwargs,
+    # Random initialization is what a test-sized config asks for; seed it so that every run
+    # (training, then --eval-only) gets the same backbone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _quiet_create(arch, device=device, cache_dir=cache_dir, force_preprocess_cfg=preprocess_cfg or None,
+                              pretrained_text=False, **kwargs)
+    identity = {"weights": None, "architecture": model_cfg}
+    if weights:
+        identity.update(_load_weights_file(model, weights, f"backbone '{display}'"))
+    return model, _tokenizer_for(arch, text_cfg), identity
+
+
+def _load_weights_file(model, path, display, read=None):
+    """Load a weights file (any accepted format; ``read``: its read_state_dict result) into a model; identity facts."""
+    state_dict, kind = read or read_state_dict(path)
+    load_into(model, state_dict, f"{display} ({path})")
+    return {"weights": os.path.abspath(path), "weights_sha256": sha256_of(path), "weights_format": kind}
+
+
+def _build_openai_format(display, path, arch, device):
+    """A CLIP from an OpenAI-format weights file: architecture from ``arch`` or read from the tensor shapes."""
+    import open_clip
+    from open_clip.model import CLIP, set_model_preprocess_cfg
+    from open_clip.tokenizer import SimpleTokenizer
+
+    state_dict, kind = read_state_dict(path)
+    model_cfg = infer_model_cfg(state_dict, f"weights file {path}")
+    if arch:
+        expected = open_clip.get_model_config(arch)
+        differences = shape_differences(model_cfg, expected)
+        if differences:
+            raise UserError(
+                f"weights file {path} is not {display}'s architecture ({arch}): {'; '.join(differences[:3])}; "
+                f"give it as MODEL.BACKBONE.NAME alone to build the architecture its shapes describe"
             )
-    finally:
-        logging.disable(logging.NOTSET)
-    return model, _tokenizer_for(arch, text_cfg)
+        model = _quiet_create(arch, device=device)
+        model_cfg = expected
+    else:
+        if model_cfg["text_cfg"]["vocab_size"] != SimpleTokenizer().vocab_size:
+            raise UserError(
+                f"weights file {path}: a text vocabulary of {model_cfg['text_cfg']['vocab_size']} tokens is not CLIP's "
+                f"BPE ({SimpleTokenizer().vocab_size}); give an open_clip model folder with its tokenizer instead"
+            )
+        model = CLIP(**model_cfg).to(device)
+        set_model_preprocess_cfg(model, {"size": model_cfg["vision_cfg"]["image_size"], "mean": OPENAI_MEAN,
+                                         "std": OPENAI_STD, "interpolation": "bicubic", "resize_mode": "shortest"})
+    load_into(model, state_dict, f"weights file {path}")
+    tokenizer = open_clip.get_tokenizer(arch) if arch else SimpleTokenizer(
+        context_length=model_cfg["text_cfg"]["context_length"])
+    identity = {"weights": os.path.abspath(path), "weights_sha256": sha256_of(path), "weights_format": kind,
+                "architecture": model_cfg}
+    return model, tokenizer, identity
 
 
 def _tokenizer_for(name, text_cfg):
@@ -155,8 +218,42 @@ def _tokenizer_for(name, text_cfg):
     return open_clip.get_tokenizer(name)
 
 
+def _weight_files_in(folder):
+    return sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.endswith(WEIGHT_SUFFIXES) and os.path.isfile(p))
+
+
+def _folder_spec(folder):
+    """A model folder: a hub snapshot (open_clip_config.json and weights), or one OpenAI-format weights file."""
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    files = _weight_files_in(folder)
+    if os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+        spec = {"local": folder}
+        # open_clip's own folder search does not look at .pt files; the pmc_vit_l_14_weights.pt kind of file
+        # next to a hub config is used when there is nothing else.
+        if _find_checkpoint_in_dir(Path(folder)) is None:
+            pt_files = [f for f in files if f.endswith(".pt")]
+            if len(pt_files) > 1:
+                raise UserError(f"backbone folder {folder} holds several .pt files ({', '.join(map(os.path.basename, pt_files))}); keep one")
+            if pt_files:
+                spec["weights_file"] = pt_files[0]
+        return spec
+    if len(files) == 1:
+        return {"file": files[0], "arch": ""}
+    if len(files) > 1:
+        raise UserError(
+            f"backbone folder {folder} has no open_clip_config.json and several weights files "
+            f"({', '.join(map(os.path.basename, files[:4]))}); keep one, or give the file itself as MODEL.BACKBONE.NAME"
+        )
+    raise UserError(
+        f"backbone folder {folder} has no open_clip_config.json and no weights file; copy the whole model snapshot "
+        f"(open_clip_config.json and weights) there, or an OpenAI-format weights file (.pt)"
+    )
+
+
 def resolve_spec(name, pretrained=""):
-    """What to build for a backbone name: a dict with one of config/hub/local/arch."""
+    """What to build for a backbone name: a dict with one of config/hub/local/arch/file."""
+    pretrained = os.path.expanduser(pretrained) if pretrained else ""
     alias = ALIASES.get(name.lower())
     if alias:
         spec = dict(alias)
@@ -164,6 +261,17 @@ def resolve_spec(name, pretrained=""):
             spec["config"] = os.path.join(BACKBONE_CONFIG_DIR, spec["config"])
             weights = spec.get("weights")
             spec["weights"] = pretrained or (os.path.join(BACKBONE_CONFIG_DIR, weights) if weights else "")
+        elif "hub" in spec:
+            file_arch = spec.pop("file_arch", None)
+            if pretrained:
+                if not file_arch:
+                    raise UserError(
+                        f"backbone '{name}' takes no MODEL.BACKBONE.PRETRAINED; to use a local copy, give the folder "
+                        f"with its hub files as MODEL.BACKBONE.NAME"
+                    )
+                if not os.path.isfile(pretrained):
+                    raise UserError(f"MODEL.BACKBONE.PRETRAINED {pretrained} not found; give the path of the weights file")
+                return {"file": os.path.abspath(pretrained), "arch": file_arch}
         elif pretrained:
             spec["pretrained"] = pretrained
         return spec
@@ -171,16 +279,14 @@ def resolve_spec(name, pretrained=""):
         return {"hub": name}
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
-        if not os.path.isfile(os.path.join(expanded, "open_clip_config.json")):
-            raise UserError(
-                f"backbone folder {expanded} has no open_clip_config.json; copy the whole model snapshot "
-                f"(open_clip_config.json and weights) there"
-            )
-        return {"local": os.path.abspath(expanded)}
-    if os.sep in name or name.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return _folder_spec(os.path.abspath(expanded))
+    if os.path.isfile(expanded):
+        return {"file": os.path.abspath(expanded), "arch": ""}
+    if os.sep in name or name.endswith(WEIGHT_SUFFIXES):
         raise UserError(
-            f"backbone path {name} not found; give a folder with open_clip_config.json and weights, or an "
-            f"open_clip architecture as MODEL.BACKBONE.NAME with the weights file as MODEL.BACKBONE.PRETRAINED"
+            f"backbone path {name} not found; give an OpenAI-format weights file (.pt), a folder with "
+            f"open_clip_config.json and weights, or an open_clip architecture as MODEL.BACKBONE.NAME with the weights "
+            f"file as MODEL.BACKBONE.PRETRAINED"
         )
     import open_clip
 
@@ -188,7 +294,7 @@ def resolve_spec(name, pretrained=""):
     if arch not in open_clip.list_models():
         raise UserError(
             f"unknown backbone '{name}'; use an alias ({', '.join(sorted(ALIASES))}), an open_clip model name "
-            f"(open_clip.list_models()), hf-hub:<repo id>, or a local model folder"
+            f"(open_clip.list_models()), hf-hub:<repo id>, a local model folder, or an OpenAI-format weights file"
         )
     return {"arch": arch, "pretrained": pretrained}
 
@@ -211,12 +317,12 @@ def check_backbone(name, pretrained="", cache_dir=""):
         from open_clip.factory import _find_checkpoint_in_dir
 
         # The same search open_clip's local-dir loading does: what it would not find would load as random weights.
-        if _find_checkpoint_in_dir(Path(spec["local"])) is None:
+        if _find_checkpoint_in_dir(Path(spec["local"])) is None and not spec.get("weights_file"):
             raise UserError(
-                f"backbone folder {spec['local']} has no weights file (.safetensors, .bin or .pth); copy the model's "
-                f"weights (e.g. {WEIGHT_FILES[1]}) next to its open_clip_config.json"
+                f"backbone folder {spec['local']} has no weights file (.safetensors, .bin, .pth or .pt); copy the "
+                f"model's weights (e.g. {WEIGHT_FILES[1]}) next to its open_clip_config.json"
             )
-    elif "arch" in spec:
+    elif "arch" in spec and "file" not in spec:
         tag = spec.get("pretrained")
         if not tag:
             raise UserError(
@@ -237,6 +343,19 @@ def check_backbone(name, pretrained="", cache_dir=""):
     return spec
 
 
+def _hub_identity(repo_id, cache_dir):
+    """Weights facts of a cached hub model: the Hugging Face cache names LFS blobs by their sha256."""
+    path = _hf_cached(repo_id, WEIGHT_FILES, cache_dir)
+    config = _hf_cached(repo_id, ["open_clip_config.json"], cache_dir)
+    identity = {"weights": f"hf-hub:{repo_id}", "weights_sha256": None, "weights_format": None,
+                "architecture": _local_config(config)[0] if config else None}
+    if path:
+        blob = os.path.basename(os.path.realpath(path))
+        identity["weights_sha256"] = blob if len(blob) == 64 else sha256_of(path)
+        identity["weights_format"] = "safetensors" if path.endswith(".safetensors") else "state_dict"
+    return identity
+
+
 def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
     """Build a backbone in eval mode with every parameter frozen."""
     import open_clip
@@ -245,12 +364,16 @@ def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
     cache_dir = cache_dir or None
     try:
         if "config" in spec:
-            model, tokenizer = _build_from_config(name, spec["config"], spec["weights"], cache_dir, device)
+            model, tokenizer, identity = _build_from_config(name, spec["config"], spec["weights"], cache_dir, device)
+        elif "file" in spec:
+            model, tokenizer, identity = _build_openai_format(name, spec["file"], spec["arch"], device)
         elif "hub" in spec:
             model = open_clip.create_model(spec["hub"], device=device, cache_dir=cache_dir)
             tokenizer = open_clip.get_tokenizer(spec["hub"], cache_dir=cache_dir)
+            identity = _hub_identity(spec["hub"][len("hf-hub:"):], cache_dir)
         elif "local" in spec:
-            model_cfg, _ = _local_config(os.path.join(spec["local"], "open_clip_config.json"))
+            config_file = os.path.join(spec["local"], "open_clip_config.json")
+            model_cfg, _ = _local_config(config_file)
             kwargs = {}
             text_cfg = copy.deepcopy(model_cfg.get("text_cfg", {}))
             if text_cfg.get("hf_model_name") and os.path.isfile(os.path.join(spec["local"], "config.json")):
@@ -259,10 +382,30 @@ def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
                 text_cfg["hf_model_name"] = spec["local"]
                 text_cfg["hf_model_pretrained"] = False
                 kwargs["text_cfg"] = text_cfg
-            model = open_clip.create_model("local-dir:" + spec["local"], device=device, **kwargs)
+            if spec.get("weights_file"):
+                read = read_state_dict(spec["weights_file"])  # an unreadable file fails before the build
+                model = _quiet_create("local-dir:" + spec["local"], device=device, **kwargs)
+                identity = _load_weights_file(model, spec["weights_file"], f"backbone '{name}'", read)
+            else:
+                from open_clip.factory import _find_checkpoint_in_dir
+
+                model = open_clip.create_model("local-dir:" + spec["local"], device=device, **kwargs)
+                found = _find_checkpoint_in_dir(Path(spec["local"]))
+                identity = {"weights": os.path.abspath(found), "weights_sha256": sha256_of(found),
+                            "weights_format": "safetensors" if found.endswith(".safetensors") else "state_dict"}
+            identity["architecture"] = model_cfg
             tokenizer = open_clip.get_tokenizer("local-dir:" + spec["local"])
         else:
-            model = open_clip.create_model(spec["arch"], pretrained=spec["pretrained"], device=device, cache_dir=cache_dir)
+            tag = spec["pretrained"]
+            if os.path.isfile(tag):
+                # Through the same reader as other files: TorchScript archives included.
+                read = read_state_dict(tag)
+                model = _quiet_create(spec["arch"], device=device, cache_dir=cache_dir)
+                identity = _load_weights_file(model, tag, f"backbone '{name}'", read)
+            else:
+                model = open_clip.create_model(spec["arch"], pretrained=tag, device=device, cache_dir=cache_dir)
+                identity = {"weights": tag, "weights_sha256": None, "weights_format": None}
+            identity["architecture"] = open_clip.get_model_config(spec["arch"])
             tokenizer = open_clip.get_tokenizer(spec["arch"])
     except UserError:
         raise
@@ -278,12 +421,14 @@ def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     text_kind = "hf" if _is_hf_text(model) else "native"
     context_length = getattr(tokenizer, "context_length", None) or 77
-    logger.info(f"backbone {name}: {type(model).__name__}, text tower {text_kind}, image size {size}")
+    identity = {"name": name, "weights": None, "weights_sha256": None, "weights_format": None, **identity}
+    logger.info(f"backbone {name}: {type(model).__name__}, text tower {text_kind}, image size {size}"
+                + (f", weights {identity['weights']} (sha256 {identity['weights_sha256'][:12]}...)"
+                   if identity.get("weights_sha256") else ""))
     return Backbone(
         name=name, model=model, tokenizer=tokenizer, text_kind=text_kind, image_size=size,
-        mean=tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-        std=tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711))),
-        interpolation=pp.get("interpolation", "bicubic"), context_length=int(context_length),
+        mean=tuple(pp.get("mean", OPENAI_MEAN)), std=tuple(pp.get("std", OPENAI_STD)),
+        interpolation=pp.get("interpolation", "bicubic"), context_length=int(context_length), identity=identity,
     )
 
 

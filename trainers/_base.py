@@ -52,6 +52,7 @@ class CLIPTrainer(TrainerX):
         self.backbone = load_backbone(
             cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.PRETRAINED, cfg.MODEL.BACKBONE.CACHE_DIR, device="cpu"
         )
+        self.run_info["backbone_identity"] = self.backbone.identity
         self.fill_input_cfg()
         super().build_data_loader()
         self.classnames = list(self.dm.dataset.classnames)
