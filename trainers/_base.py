@@ -12,6 +12,7 @@ from core.utils import logger
 from datasets.catalog import get_entry
 
 from ._backbones import load_backbone
+from ._original_checkpoints import load_original_model
 from ._prompt_layer import ImageEncoder, PromptTokenizer, TextEncoder
 
 PRECISIONS = ("fp32", "amp", "fp16")
@@ -72,6 +73,12 @@ class CLIPTrainer(TrainerX):
             cfg.freeze()
 
     # ---------------------------------------------------------------- model
+    def load_model(self, directory, epoch=None):
+        """--model-dir: a run of this project, or prompts saved by the original code (mapped to our names)."""
+        if directory and load_original_model(self, directory, epoch):
+            return
+        super().load_model(directory, epoch)
+
     def setup_backbone(self):
         """Move the frozen backbone to the device in the configured precision; build the encoders."""
         model = self.backbone.model

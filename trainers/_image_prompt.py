@@ -18,6 +18,7 @@ from core.utils import count_parameters, logger, read_json
 
 from ._backbones import resolve_spec
 from ._base import CLIPTrainer
+from ._original_checkpoints import read_original_run
 from ._prompt_layer import PromptLearner, template_prefix
 
 
@@ -105,9 +106,11 @@ class ImagePromptTrainer(CLIPTrainer):
 
     def init_text_prompts(self, run_dir):
         """Copy MedPromptCLIP's context and deep text prompts into this learner (stacking)."""
-        path = find_prompt_checkpoint(run_dir)
+        # Prompts saved by the original code: their text prompts as "ctx" and "deep_ctx.<i>".
+        original = read_original_run(run_dir)
+        path = original.path if original else find_prompt_checkpoint(run_dir)
         record = os.path.join(run_dir, "results.json")
-        if os.path.isfile(record):
+        if not original and os.path.isfile(record):
             source_run = read_json(record, what="results file")
             if source_run.get("trainer", "MedPromptCLIP") != "MedPromptCLIP":
                 raise UserError(f"INIT_FROM {run_dir} is a {source_run['trainer']} run; give a MedPromptCLIP output folder")
@@ -117,7 +120,8 @@ class ImagePromptTrainer(CLIPTrainer):
                     f"INIT_FROM {run_dir} was trained with backbone {source_backbone}, this run uses "
                     f"{self.cfg.MODEL.BACKBONE.NAME}; stack on prompts learned with the same backbone"
                 )
-        source = load_checkpoint(path)["state_dict"]
+        source = ({k[len("text."):] if k.startswith("text.") else k: v for k, v in original.state_dict.items()}
+                  if original else load_checkpoint(path)["state_dict"])
         if "ctx" not in source:
             raise UserError(f"{path} holds no MedPromptCLIP context ('ctx'); give a MedPromptCLIP output folder")
         targets = self.text_prompt_targets()
@@ -144,6 +148,8 @@ class ImagePromptTrainer(CLIPTrainer):
             raise UserError(f"no tensor of {path} fits {self.cfg.TRAINER.NAME}'s text prompts")
         logger.info(f"initialized text prompts from {path}: loaded {loaded}; not used {skipped}")
         self.run_info["init_from"] = {"checkpoint": path, "loaded": loaded, "not_used": skipped}
+        if original:
+            self.run_info["init_from"]["original"] = original.record()
 
     def forward_backward(self, batch):
         images, labels = self.parse_batch_train(batch)
