@@ -203,7 +203,7 @@ def test_stacking_on_original_medpromptclip_prompts(name, backbones, demo_root, 
         code, err = run_train("--root", demo_root, "--trainer", name, "--dataset-config-file", DEMO_CFG,
                               "--config-file", recipe(name, "stacked"), "--output-dir", out, "--init-from", run,
                               "MODEL.BACKBONE.NAME", BACKBONE, "DATASET.NUM_SHOTS", "1", "OPTIM.MAX_EPOCH", "1",
-                              "DEVICE", "cpu", capsys=capsys)
+                              "TEST.NO_TEST", "True", "DEVICE", "cpu", capsys=capsys)
         assert code == 0, err
         assert read_results(out)["init_from"]["original"]["checkpoint"].endswith("VLPromptLearner/model.pth.tar-5")
 
@@ -225,3 +225,32 @@ def test_bad_original_checkpoints_are_one_clear_error(backbones, demo_root, tmp_
         code, err = evaluate("MedPromptCLIP", "base2new", demo_root, run, out, capsys)
         assert code == 2 and message in err and err.count("\n") == 1, (label, err)
         assert not (out / "results.json").exists()
+
+
+def test_original_ivlp_and_cocoop_tensors_map(backbones, demo_root, tmp_path):
+    torch.manual_seed(6)
+    clip = frozen_clip(backbones)
+    ivlp = {"prompt_learner.ctx": torch.randn(2, WIDTH), "image_encoder.VPT": torch.randn(2, WIDTH),
+            "prompt_learner.token_prefix": torch.zeros(6, 1, WIDTH), "logit_scale": clip["logit_scale"]}
+    for i in range(1, 9):
+        ivlp[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] = torch.randn(2, WIDTH)
+        ivlp[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = torch.randn(2, WIDTH)
+    ivlp.update({f"image_encoder.{k[len('visual.'):]}": v for k, v in clip.items() if k.startswith("visual.")})
+    dassl_save(tmp_path / "ivlp", "VLPromptLearner", ivlp)
+    trainer = build("IVLP", "base2new", demo_root, tmp_path / "build-ivlp")
+    trainer.load_model(str(tmp_path / "ivlp"))
+    assert trainer.run_info["original_checkpoint"]["method"] == "IVLP"
+    assert torch.equal(trainer.prompt_learner.vision[0].detach(), ivlp["image_encoder.VPT"])
+    assert torch.equal(trainer.prompt_learner.vision[3].detach(), ivlp["image_encoder.transformer.resblocks.3.VPT_shallow"])
+    assert torch.equal(trainer.prompt_learner.text.deep_ctx[0].detach(),
+                       ivlp["text_encoder.transformer.resblocks.1.VPT_shallow"])
+
+    cocoop = coop_state()
+    cocoop.update({"meta_net.linear1.weight": torch.randn(4, 64), "meta_net.linear1.bias": torch.randn(4),
+                   "meta_net.linear2.weight": torch.randn(WIDTH, 4), "meta_net.linear2.bias": torch.randn(WIDTH)})
+    dassl_save(tmp_path / "cocoop", "prompt_learner", cocoop)
+    trainer = build("CoCoOp", "base2new", demo_root, tmp_path / "build-cocoop")
+    trainer.load_model(str(tmp_path / "cocoop"))
+    assert trainer.run_info["original_checkpoint"]["method"] == "CoCoOp"
+    assert torch.equal(trainer.prompt_learner.meta_net[2].weight.detach(), cocoop["meta_net.linear2.weight"])
+    assert torch.equal(trainer.prompt_learner.text.ctx.detach(), cocoop["ctx"])
