@@ -37,10 +37,12 @@ def build_parser():
     p.add_argument("--dataset-config-file", default="", help="dataset YAML (configs/datasets/<name>.yaml)")
     p.add_argument("--config-file", default="", help="method YAML (configs/trainers/<Trainer>/<recipe>.yaml)")
     p.add_argument("--eval-only", action="store_true", help="evaluate only (with --model-dir for learned weights)")
-    p.add_argument("--model-dir", default="", help="output folder of a training run to load weights from")
+    p.add_argument("--model-dir", default="",
+                   help="output folder of a training run (this project's or the original code's) to load weights from")
     p.add_argument("--load-epoch", type=int, default=None, help="epoch of the checkpoint to load (default: latest)")
     p.add_argument("--init-from", default="",
-                   help="output folder of a MedPromptCLIP run whose text prompts start this trainer (TRAINER.<NAME>.INIT_FROM)")
+                   help="output folder of a MedPromptCLIP run (or of a run of the original code) whose text prompts "
+                        "start this trainer (TRAINER.<NAME>.INIT_FROM)")
     p.add_argument("--no-train", action="store_true", help="build the trainer and stop: checks config and data")
     p.add_argument("--list", action="store_true", help="list registered trainers and datasets, then exit")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")

@@ -160,10 +160,9 @@ def _build_from_config(display, config_file, weights, cache_dir, device):
         torch.manual_seed(0)
         model = _quiet_create(arch, device=device, cache_dir=cache_dir, force_preprocess_cfg=preprocess_cfg or None,
                               pretrained_text=False, **kwargs)
-    identity = {"weights": None, "architecture": model_cfg}
     if weights:
-        identity.update(_load_weights_file(model, weights, f"backbone '{display}'"))
-    return model, _tokenizer_for(arch, text_cfg), identity
+        _load_weights_file(model, weights, f"backbone '{display}'")
+    return model, _tokenizer_for(arch, text_cfg)
 
 
 def _load_weights_file(model, path, display, read=None):
@@ -364,7 +363,10 @@ def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
     cache_dir = cache_dir or None
     try:
         if "config" in spec:
-            model, tokenizer, identity = _build_from_config(name, spec["config"], spec["weights"], cache_dir, device)
+            model, tokenizer = _build_from_config(name, spec["config"], None, cache_dir, device)
+            identity = {"architecture": _local_config(spec["config"])[0]}
+            if spec["weights"]:
+                identity.update(_load_weights_file(model, spec["weights"], f"backbone '{name}'"))
         elif "file" in spec:
             model, tokenizer, identity = _build_openai_format(name, spec["file"], spec["arch"], device)
         elif "hub" in spec:
