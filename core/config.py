@@ -84,9 +84,11 @@ _C.MODEL = CN()
 _C.MODEL.INIT_WEIGHTS = ""
 _C.MODEL.BACKBONE = CN()
 # Backbone: alias (tiny-clip, biomedclip, pmc-clip, ViT-B/16, ...), open_clip model name,
-# hf-hub:<repo id>, or a local folder holding open_clip_config.json and weights.
+# hf-hub:<repo id>, a local folder holding open_clip_config.json and weights, or an
+# OpenAI-format weights file (TorchScript or state dict; architecture read from its shapes).
 _C.MODEL.BACKBONE.NAME = "demo-clip"
-# open_clip pretrained tag or weights file for a plain open_clip model name; empty = the alias default.
+# open_clip pretrained tag or weights file for a plain open_clip model name, or pmc-clip's
+# weights file (pmc_vit_l_14_weights.pt) instead of the hub download; empty = the alias default.
 _C.MODEL.BACKBONE.PRETRAINED = ""
 # Folder for downloaded weights (open_clip/Hugging Face cache); empty = their default cache.
 _C.MODEL.BACKBONE.CACHE_DIR = ""
