@@ -191,17 +191,18 @@ def _build_openai_format(display, path, arch, device):
         model = _quiet_create(arch, device=device)
         model_cfg = expected
     else:
-        if model_cfg["text_cfg"]["vocab_size"] != SimpleTokenizer().vocab_size:
+        tokenizer = SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
+        if model_cfg["text_cfg"]["vocab_size"] != tokenizer.vocab_size:
             raise UserError(
                 f"weights file {path}: a text vocabulary of {model_cfg['text_cfg']['vocab_size']} tokens is not CLIP's "
-                f"BPE ({SimpleTokenizer().vocab_size}); give an open_clip model folder with its tokenizer instead"
+                f"BPE ({tokenizer.vocab_size}); give an open_clip model folder with its tokenizer instead"
             )
         model = CLIP(**model_cfg).to(device)
         set_model_preprocess_cfg(model, {"size": model_cfg["vision_cfg"]["image_size"], "mean": OPENAI_MEAN,
                                          "std": OPENAI_STD, "interpolation": "bicubic", "resize_mode": "shortest"})
     load_into(model, state_dict, f"weights file {path}")
-    tokenizer = open_clip.get_tokenizer(arch) if arch else SimpleTokenizer(
-        context_length=model_cfg["text_cfg"]["context_length"])
+    if arch:
+        tokenizer = open_clip.get_tokenizer(arch)
     identity = {"weights": os.path.abspath(path), "weights_sha256": sha256_of(path), "weights_format": kind,
                 "architecture": model_cfg}
     return model, tokenizer, identity

@@ -2,21 +2,18 @@
 
 Their trainers save with Dassl: ``<run>/<model name>/model.pth.tar-<epoch>`` plus a
 ``checkpoint`` file naming the latest, each a ``torch.save`` of
-``{state_dict, epoch, optimizer, scheduler, val_result}``. The model names and the
+``{state_dict, epoch, optimizer, scheduler, val_result}``. The model folders and the
 learnable tensors in ``state_dict``:
 
-=========================  ==========================================================
-``prompt_learner/``        CoOp: ``ctx`` (n_ctx, width) or (n_cls, n_ctx, width);
-                           CoCoOp adds ``meta_net.linear1/linear2.*``
-``MultiModalPromptLearner/``  MaPLe: ``prompt_learner.ctx``,
-                           ``prompt_learner.compound_prompts_text.<i>`` (text layer i + 1),
-                           ``prompt_learner.proj.*`` (layer 0 text -> vision map),
-                           ``prompt_learner.compound_prompt_projections.<i>.*`` (layer i + 1)
-``VLPromptLearner/``       MedPromptCLIP and IVLP: ``prompt_learner.ctx`` and, in the text
-                           encoder, ``text_encoder.transformer.resblocks.<i>.VPT_shallow``
-                           (placed before layer i, i >= 1); IVLP adds ``image_encoder.VPT``
-                           and ``image_encoder.transformer.resblocks.<i>.VPT_shallow``
-=========================  ==========================================================
+- ``prompt_learner/``: CoOp, ``ctx`` (n_ctx, width) or (n_cls, n_ctx, width); CoCoOp adds
+  ``meta_net.linear1/linear2.*``.
+- ``MultiModalPromptLearner/``: MaPLe, ``prompt_learner.ctx``,
+  ``prompt_learner.compound_prompts_text.<i>`` (text layer i + 1), ``prompt_learner.proj.*``
+  (the layer-0 text -> vision map) and ``prompt_learner.compound_prompt_projections.<i>.*``
+  (layer i + 1).
+- ``VLPromptLearner/``: MedPromptCLIP and IVLP, ``prompt_learner.ctx`` and
+  ``text_encoder.transformer.resblocks.<i>.VPT_shallow`` (placed before text layer i, i >= 1);
+  IVLP adds ``image_encoder.VPT`` and ``image_encoder.transformer.resblocks.<i>.VPT_shallow``.
 
 Besides those, the files hold buffers (``token_prefix``/``token_suffix``: embeddings of
 the training class names) and, for MaPLe, IVLP and MedPromptCLIP, the whole frozen CLIP;
@@ -164,7 +161,7 @@ def find_original_checkpoint(run_dir, epoch=None):
     ``prompt_learner/`` is also this project's folder name: an original one is told apart by
     the class-name buffers that original CoOp and CoCoOp always save.
     """
-    for folder in ("VLPromptLearner", "MultiModalPromptLearner", "prompt_learner"):
+    for folder in ORIGINAL_FOLDERS:
         model_dir = os.path.join(run_dir, folder)
         if not os.path.isdir(model_dir):
             continue
