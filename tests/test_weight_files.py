@@ -68,6 +68,24 @@ def test_openai_format_file_gives_the_models_own_features(kind, openai_files):
     assert not any(p.requires_grad for p in backbone.model.parameters())
 
 
+def test_half_precision_state_dict_with_openai_extras(openai_files, tmp_path):
+    """OpenAI's files keep most weights in float16 and model facts (input_resolution, ...) as tensors."""
+    from open_clip.model import CLIP
+
+    model, _ = openai_files
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    torch.save(state, tmp_path / "fp16.pt")
+    reference = CLIP(**TINY_OPENAI_CFG).eval().requires_grad_(False)
+    reference.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    backbone = load_backbone(str(tmp_path / "fp16.pt"))
+    assert backbone.identity["architecture"] == TINY_OPENAI_CFG
+    assert all(p.dtype == torch.float32 for p in backbone.model.parameters())
+    image, text = features(backbone.model, backbone.tokenizer)
+    ref_image, ref_text = features(reference, backbone.tokenizer)
+    assert torch.equal(image, ref_image) and torch.equal(text, ref_text)
+
+
 def test_model_folder_with_a_pt_file(openai_files, tmp_path):
     model, folder = openai_files
     alone = tmp_path / "alone"
