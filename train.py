@@ -1,4 +1,4 @@
-"""Train and evaluate a registered trainer on a registered dataset (Dassl's command line).
+r"""Train and evaluate a registered trainer on a registered dataset (Dassl's command line).
 
     python train.py --root DATA --trainer MedPromptCLIP \
         --dataset-config-file configs/datasets/demo.yaml \
