@@ -32,7 +32,9 @@ def status_of(root, entry):
         return f"unreadable {SPLIT_FILE}: {e}", "-", None
     found, listed, first_missing = image_presence(root, entry, split)
     source = "own split" if kind == "own" else "split shipped"
-    if listed and found == listed:
+    if not listed:
+        state = "lists no images"
+    elif found == listed:
         state = "images present"
     elif found == 0:
         state = "images missing"

@@ -91,8 +91,9 @@ def split_files(files, ratios=PAPER_RATIOS, seed=PAPER_SEED, what="class"):
 def build_split(image_dir, label_of, ratios=PAPER_RATIOS, seed=PAPER_SEED, images_only=False):
     """``{train, val, test: rows}`` for the class folders of ``image_dir``; ``label_of(folder)`` gives the label."""
     split = {"train": [], "val": [], "test": []}
-    for folder in class_folders(image_dir):
-        label = label_of(folder)
+    folders = class_folders(image_dir)
+    labels = [label_of(folder) for folder in folders]  # every folder name checked before any file is read
+    for folder, label in zip(folders, labels):
         files = class_files(os.path.join(image_dir, folder), images_only)
         if not files:
             raise UserError(f"class folder {os.path.join(image_dir, folder)} holds no files")

@@ -80,13 +80,17 @@ class SplitDataset(DatasetBase):
             )
         split, split_digest = load_split_file(split_path)
         rows = read_split_rows(split_path, entry, split)
-        if not os.path.isdir(image_dir):
-            listed = next((r[0] for key in ("train", "val", "test") for r in rows[key]), "<class>/<image>")
-            raise UserError(
-                f"images of {entry.name} not found: the {'shipped' if kind == 'shipped' else 'dataset'} split "
-                f"{split_path} lists them under {os.path.join(image_dir, '')} (e.g. {os.path.join(image_dir, listed)}); "
-                f"put them there (python -m datasets --root {root} shows what is found)"
-            )
+        listed = [r[0] for key in ("train", "val", "test") for r in rows[key]]
+        missing = [p for p in listed if not os.path.isfile(os.path.join(image_dir, p))] if os.path.isdir(image_dir) else listed
+        if missing:
+            which = "shipped split" if kind == "shipped" else "split"
+            if len(missing) == len(listed):
+                problem = f"images of {entry.name} not found: the {which} {split_path} lists them under " \
+                          f"{os.path.join(image_dir, '')} (e.g. {os.path.join(image_dir, missing[0])}); put them there"
+            else:
+                problem = f"{len(missing)} of the {len(listed)} images the {which} {split_path} lists are missing " \
+                          f"under {os.path.join(image_dir, '')} (first: {missing[0]}); restore them or fix the split"
+            raise UserError(f"{problem} (python -m datasets --root {root} shows what is found)")
         # Which split a run read, for results.json: the dataset folder's own file or the shipped one.
         self.split_source, self.split_file, self.split_sha256 = kind, split_path, split_digest
         to_datum = lambda items: [Datum(os.path.join(image_dir, p), y, 0, c) for p, y, c in items]
