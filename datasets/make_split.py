@@ -27,7 +27,7 @@ import sys
 from core.errors import UserError
 from core.utils import atomic_open
 
-from .catalog import CATALOG, get_entry, normalize_classname
+from .catalog import CATALOG, MODALITY_TEMPLATES, get_entry, normalize_classname
 from .split_files import SPLIT_FILE, dataset_folder, image_folder
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".gif"}
@@ -161,8 +161,8 @@ def make_folder_dataset(root, folder, modality="", template="", descriptions="",
         if os.path.exists(path) and not overwrite:
             raise UserError(f"{path} already exists; pass --overwrite to replace it")
     classes = class_folders(data_dir)
-    if not template and not modality:
-        template = DEFAULT_TEMPLATE
+    if not template and modality not in MODALITY_TEMPLATES:
+        template = f"a {modality} image of {{}}." if modality else DEFAULT_TEMPLATE
     # Validates the name, the class names and the template before anything is written.
     entry = make_entry(folder, classes, modality, template, descriptions, where=declaration)
     split = build_split(data_dir, classes.index, ratios, seed, images_only)
@@ -195,7 +195,8 @@ def main(argv=None):
     which.add_argument("--folder", help="folder under --root of a dataset of your own; its name is the dataset's name")
     parser.add_argument("--modality", default="", help="--folder: imaging modality, e.g. fundus or dermoscopy")
     parser.add_argument("--template", default="",
-                        help=f"--folder: zero-shot prompt with {{}} for the class name (default: the modality's, else '{DEFAULT_TEMPLATE}')")
+                        help="--folder: zero-shot prompt with {} for the class name (default: the catalog modality's, "
+                             "else 'a <modality> image of {}.')")
     parser.add_argument("--descriptions", default="",
                         help="--folder: descriptions file {classname: [descriptions]}, relative to the dataset folder")
     parser.add_argument("--ratios", type=float, nargs=3, default=PAPER_RATIOS, metavar=("TRAIN", "VAL", "TEST"),
