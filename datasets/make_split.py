@@ -28,9 +28,7 @@ from core.errors import UserError
 from core.utils import atomic_open
 
 from .catalog import CATALOG, MODALITY_TEMPLATES, get_entry, normalize_classname
-from .split_files import SPLIT_FILE, dataset_folder, image_folder
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".gif"}
+from .split_files import IMAGE_EXTENSIONS, SPLIT_FILE, dataset_folder, image_folder
 # The paper's split: 70% train, then the held-out 30% halved into val and test.
 PAPER_RATIOS = (0.7, 0.15, 0.15)
 PAPER_SEED = 42

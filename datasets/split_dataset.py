@@ -19,7 +19,7 @@ from core.utils import logger
 from .catalog import CATALOG, normalize_classname
 from .declared import entry_for_cfg
 from .demo import generate_demo
-from .split_files import SPLIT_FILE, dataset_folder, image_folder, load_split_file, locate_split  # noqa: F401
+from .split_files import SPLIT_FILE, dataset_folder, image_folder, is_image, load_split_file, locate_split  # noqa: F401
 
 
 def read_split_rows(split_path, entry, split=None):
@@ -80,6 +80,11 @@ class SplitDataset(DatasetBase):
             )
         split, split_digest = load_split_file(split_path)
         rows = read_split_rows(split_path, entry, split)
+        others = [r[0] for key in rows for r in rows[key] if not is_image(r[0])]
+        if others:
+            # Listed by the tool that made the split, but no image can be read from them.
+            logger.info(f"{split_path}: {len(others)} listed file(s) are not images (e.g. {others[0]}); left out")
+            rows = {key: [r for r in items if is_image(r[0])] for key, items in rows.items()}
         listed = [r[0] for key in ("train", "val", "test") for r in rows[key]]
         missing = [p for p in listed if not os.path.isfile(os.path.join(image_dir, p))] if os.path.isdir(image_dir) else listed
         if missing:

@@ -14,6 +14,7 @@ import os
 from core.errors import UserError
 
 SPLIT_FILE = "data_split.json"
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".gif"}
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
 
 
@@ -66,14 +67,22 @@ def load_split_file(path):
         raise UserError(f"split file {path} cannot be read ({type(e).__name__}); fix or regenerate it") from None
 
 
+def is_image(path):
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
 def split_paths(split):
-    """Every relative image path a split lists (train, val, test), in order; malformed rows are skipped."""
+    """Every relative image path a split lists (train, val, test), in order.
+
+    Malformed rows and files that are not images (the paper's Breast_Ultrasound
+    split lists three .zip files) are skipped, as runs skip them.
+    """
     paths = []
     if isinstance(split, dict):
         for key in ("train", "val", "test"):
             rows = split.get(key)
             if isinstance(rows, list):
-                paths += [r[0] for r in rows if isinstance(r, (list, tuple)) and r and isinstance(r[0], str)]
+                paths += [r[0] for r in rows if isinstance(r, (list, tuple)) and r and isinstance(r[0], str) and is_image(r[0])]
     return paths
 
 
