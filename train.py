@@ -151,15 +151,32 @@ def list_names(root=""):
 
 
 def check_early(args, cfg=None):
-    """Fail on an unknown trainer, dataset or backbone before the config dump and the model build."""
+    """Fail on an unknown trainer, dataset, key or backbone before the config dump and the model build.
+
+    Without ``cfg`` (before the trainers, hence torch, are imported) only what the default config
+    can tell: the trainer name, override keys outside TRAINER, and the dataset name.
+    """
+    from datasets.declared import entry_for_cfg, is_declaration
     from trainers import TRAINER_NAMES
 
     name = cfg.TRAINER.NAME if cfg is not None else args.trainer
     if name and name not in TRAINER_NAMES:
         raise UserError(f"unknown trainer '{name}'; trainers: {', '.join(TRAINER_NAMES)}")
     if cfg is None:
+        light = get_cfg_default()
+        path = args.dataset_config_file
+        if path and os.path.isfile(path) and not is_declaration(path):
+            try:
+                merge_from_file(light, path)
+            except UserError:
+                return  # a key only a trainer defines: setup_cfg reports anything wrong
+        if len(args.opts) % 2 == 0:
+            merge_from_list(light, [x for k, v in zip(args.opts[0::2], args.opts[1::2])
+                                    if not k.startswith("TRAINER.") for x in (k, v)])
+        light.DATASET.ROOT = args.root or light.DATASET.ROOT
+        if light.DATASET.NAME and not (path and is_declaration(path)):
+            entry_for_cfg(light)
         return
-    from datasets.declared import entry_for_cfg
     from trainers._backbones import check_backbone
 
     entry_for_cfg(cfg)

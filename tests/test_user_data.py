@@ -172,6 +172,9 @@ def test_sweep_without_data_names_the_image_folders(tmp_path):
 LIGHT_COMMANDS = {
     "train.py --list": "import runpy, sys; sys.argv = ['train.py', '--list']; runpy.run_path('train.py', run_name='__main__')",
     "train.py --help": "import runpy, sys; sys.argv = ['train.py', '--help']; runpy.run_path('train.py', run_name='__main__')",
+    "train.py with an unknown dataset": "import runpy, sys; sys.argv = ['train.py', '--trainer', 'CoOp', "
+                                        "'--dataset-config-file', 'configs/datasets/demo.yaml', 'DATASET.NAME', 'Nope']; "
+                                        "runpy.run_path('train.py', run_name='__main__')",
     "python -m datasets": "import runpy, sys; sys.argv = ['datasets']; runpy.run_module('datasets', run_name='__main__')",
     "make_split --help": "import runpy, sys; sys.argv = ['make_split', '--help']; "
                          "runpy.run_module('datasets.make_split', run_name='__main__')",
