@@ -24,7 +24,7 @@ import yaml
 
 from core.errors import UserError
 
-from .catalog import CATALOG, DECLARED, MODALITY_TEMPLATES, CatalogEntry, normalize_classname
+from .catalog import CATALOG, DECLARED, GROUPS, MODALITY_TEMPLATES, CatalogEntry, normalize_classname
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(PROJECT_DIR, "configs", "datasets")
@@ -40,6 +40,8 @@ def make_entry(name, classnames, modality="", template="", descriptions="", wher
         raise UserError(
             f"{where}: '{name}' is a catalog dataset; it needs no declaration (rename yours to declare a new one)"
         )
+    if name in GROUPS:
+        raise UserError(f"{where}: '{name}' names a group of catalog datasets; give your dataset another name")
     if (not isinstance(classnames, (list, tuple)) or not classnames
             or not all(isinstance(c, str) and c.strip() for c in classnames)):
         raise UserError(f"{where}: classnames must be a non-empty list of class names in label order")

@@ -86,16 +86,22 @@ class SplitDataset(DatasetBase):
             logger.info(f"{split_path}: {len(others)} listed file(s) are not images (e.g. {others[0]}); left out")
             rows = {key: [r for r in items if is_image(r[0])] for key, items in rows.items()}
         listed = [r[0] for key in ("train", "val", "test") for r in rows[key]]
-        missing = [p for p in listed if not os.path.isfile(os.path.join(image_dir, p))] if os.path.isdir(image_dir) else listed
+        which = "shipped split" if kind == "shipped" else "split"
+        if not os.path.isdir(image_dir):
+            example = os.path.join(image_dir, listed[0]) if listed else os.path.join(image_dir, "<class>", "<image>")
+            raise UserError(
+                f"images of {entry.name} not found: the {which} {split_path} lists them under "
+                f"{os.path.join(image_dir, '')} (e.g. {example}); put them there "
+                f"(python -m datasets --root {root} shows what is found)"
+            )
+        missing = [p for p in listed if not os.path.isfile(os.path.join(image_dir, p))]
         if missing:
-            which = "shipped split" if kind == "shipped" else "split"
-            if len(missing) == len(listed):
-                problem = f"images of {entry.name} not found: the {which} {split_path} lists them under " \
-                          f"{os.path.join(image_dir, '')} (e.g. {os.path.join(image_dir, missing[0])}); put them there"
-            else:
-                problem = f"{len(missing)} of the {len(listed)} images the {which} {split_path} lists are missing " \
-                          f"under {os.path.join(image_dir, '')} (first: {missing[0]}); restore them or fix the split"
-            raise UserError(f"{problem} (python -m datasets --root {root} shows what is found)")
+            # Not an error here: text-only training reads no image; reading a missing one is.
+            warnings.warn(
+                f"{len(missing)} of the {len(listed)} images the {which} {split_path} lists are missing under "
+                f"{os.path.join(image_dir, '')} (first: {missing[0]})",
+                stacklevel=2,
+            )
         # Which split a run read, for results.json: the dataset folder's own file or the shipped one.
         self.split_source, self.split_file, self.split_sha256 = kind, split_path, split_digest
         to_datum = lambda items: [Datum(os.path.join(image_dir, p), y, 0, c) for p, y, c in items]
