@@ -53,8 +53,9 @@ _C.DATASET.ROOT = ""
 # Registered dataset name, e.g. ODIR or demo, or the name of a dataset declared in data
 # (DATASET.ROOT/<name>/dataset.yaml, see datasets/declared.py).
 _C.DATASET.NAME = ""
-# The next four keys declare a dataset that is not in the catalog (datasets/catalog.py), in its
-# configs/datasets/<name>.yaml; they are ignored while CLASSNAMES is empty.
+# The next four keys declare a dataset that is not in the catalog (datasets/catalog.py): set in its
+# configs/datasets/<name>.yaml, or filled from a dataset.yaml given as --dataset-config-file.
+# They are ignored while CLASSNAMES is empty.
 # Class names in label order (the labels of data_split.json).
 _C.DATASET.CLASSNAMES = ()
 # Imaging modality, e.g. fundus or dermoscopy (a catalog modality gives the template).
