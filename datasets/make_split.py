@@ -1,4 +1,4 @@
-"""Make ``data_split.json`` from a class-per-folder image tree, exactly as the paper's splits were made.
+"""Make ``data_split.json`` from a class-per-folder image tree with the paper's split algorithm.
 
     python -m datasets.make_split --root DATA --dataset NCT       # a catalog dataset
     python -m datasets.make_split --root DATA --folder MyData     # a dataset of your own
@@ -11,9 +11,9 @@ files left out) are sorted by relative path and split with
 the held-out 30% is split again with ``test_size=0.5, random_state=42`` into
 val (first part) and test (second part). Rows are ``[class/file, label, class]``.
 Rebuilt from the same files, 13 of the 22 splits shipped in datasets/splits/
-come back byte for byte; the other 9 (ODIR, ODIR_3x200, f1000images, modaldiff
-in another class order; Head_CT, MIAS, OCT_C8, SLID_E, SLO not one folder per
-class) were made otherwise, so use the shipped file for them.
+come back byte for byte; the other 9 (ODIR, ODIR_3x200, f1000images and
+modaldiff, whose rows differ; Head_CT, MIAS, OCT_C8, SLID_E and SLO, not one
+folder per class) were made otherwise, so use the shipped file for them.
 
 --dataset reads DATA/<dataset folder>/<image subfolder>/<class>/; --folder reads
 DATA/MyData/<class>/ and also writes DATA/MyData/dataset.yaml, the declaration
