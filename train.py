@@ -1,4 +1,4 @@
-"""Train and evaluate a registered trainer on a registered dataset (Dassl's command line).
+r"""Train and evaluate a registered trainer on a registered dataset (Dassl's command line).
 
     python train.py --root DATA --trainer MedPromptCLIP \
         --dataset-config-file configs/datasets/demo.yaml \
@@ -6,6 +6,7 @@
         --output-dir output/demo/MedPromptCLIP/seed1 --seed 1 DATASET.SUBSAMPLE_CLASSES base
 
 Config merge order: defaults -> dataset YAML -> method YAML -> arguments -> KEY VALUE overrides.
+A dataset of your own: --dataset-config-file DATA/<name>/dataset.yaml (its declaration).
 Every run writes OUTPUT_DIR/results.json (atomically) and OUTPUT_DIR/log.txt.
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 if PROJECT_DIR not in sys.path:
     sys.path.insert(0, PROJECT_DIR)
 
+# torch, open_clip and the trainers are imported only once a run needs them, so --help and --list answer at once.
 from core.config import get_cfg_default, merge_from_file, merge_from_list  # noqa: E402
-from core.engine import TRAINER_REGISTRY  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.utils import logger, set_random_seed, setup_logger, write_json_atomic  # noqa: E402
 
@@ -34,7 +35,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=-1, help="random seed; negative = do not seed")
     p.add_argument("--trainer", default="", help="trainer name (TRAINER.NAME)")
     p.add_argument("--backbone", default="", help="backbone (MODEL.BACKBONE.NAME)")
-    p.add_argument("--dataset-config-file", default="", help="dataset YAML (configs/datasets/<name>.yaml)")
+    p.add_argument("--dataset-config-file", default="",
+                   help="dataset YAML (configs/datasets/<name>.yaml) or a dataset declaration (DATA/<name>/dataset.yaml)")
     p.add_argument("--config-file", default="", help="method YAML (configs/trainers/<Trainer>/<recipe>.yaml)")
     p.add_argument("--eval-only", action="store_true", help="evaluate only (with --model-dir for learned weights)")
     p.add_argument("--model-dir", default="",
@@ -44,18 +46,24 @@ def build_parser():
                    help="output folder of a MedPromptCLIP run (or of a run of the original code) whose text prompts "
                         "start this trainer (TRAINER.<NAME>.INIT_FROM)")
     p.add_argument("--no-train", action="store_true", help="build the trainer and stop: checks config and data")
-    p.add_argument("--list", action="store_true", help="list registered trainers and datasets, then exit")
+    p.add_argument("--list", action="store_true",
+                   help="list trainers and datasets (with --root, also datasets declared there), then exit")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p
 
 
 def setup_cfg(args):
     import trainers
+    from core.engine import TRAINER_REGISTRY
+    from datasets.declared import apply_declaration, is_declaration
 
     cfg = get_cfg_default()
     trainers.extend_cfg(cfg)
     if args.dataset_config_file:
-        merge_from_file(cfg, args.dataset_config_file)
+        if os.path.isfile(args.dataset_config_file) and is_declaration(args.dataset_config_file):
+            apply_declaration(cfg, args.dataset_config_file)
+        else:
+            merge_from_file(cfg, args.dataset_config_file)
     if args.config_file:
         merge_from_file(cfg, args.config_file)
     if args.root:
@@ -131,20 +139,63 @@ def one_line(error):
     return text
 
 
+def list_names(root=""):
+    """Trainer and dataset names, from tables: nothing heavy is imported."""
+    from datasets.catalog import known_names
+    from datasets.declared import scan
+    from trainers import TRAINER_NAMES
+
+    _, problems = scan(root)
+    print("trainers: " + ", ".join(sorted(TRAINER_NAMES, key=str.lower)))
+    print("datasets: " + ", ".join(known_names()))
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+
+
+def check_early(args, cfg=None):
+    """Fail on an unknown trainer, dataset, key or backbone before the config dump and the model build.
+
+    Without ``cfg`` (before the trainers, hence torch, are imported) only what the default config
+    can tell: the trainer name, override keys outside TRAINER, and the dataset name.
+    """
+    from datasets.declared import entry_for_cfg, is_declaration
+    from trainers import TRAINER_NAMES
+
+    name = cfg.TRAINER.NAME if cfg is not None else args.trainer
+    if name and name not in TRAINER_NAMES:
+        raise UserError(f"unknown trainer '{name}'; trainers: {', '.join(TRAINER_NAMES)}")
+    if cfg is None:
+        light = get_cfg_default()
+        path = args.dataset_config_file
+        if path and os.path.isfile(path) and not is_declaration(path):
+            try:
+                merge_from_file(light, path)
+            except UserError:
+                return  # a key only a trainer defines: setup_cfg reports anything wrong
+        if len(args.opts) % 2 == 0:
+            merge_from_list(light, [x for k, v in zip(args.opts[0::2], args.opts[1::2])
+                                    if not k.startswith("TRAINER.") for x in (k, v)])
+        light.DATASET.ROOT = args.root or light.DATASET.ROOT
+        if light.DATASET.NAME and not (path and is_declaration(path)):
+            entry_for_cfg(light)
+        return
+    from trainers._backbones import check_backbone
+
+    entry_for_cfg(cfg)
+    check_backbone(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.PRETRAINED, cfg.MODEL.BACKBONE.CACHE_DIR)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.list:
-            import datasets  # noqa: F401
-            import trainers  # noqa: F401
-            from core.data import DATASET_REGISTRY
-
-            print("trainers: " + ", ".join(TRAINER_REGISTRY.registered_names()))
-            print("datasets: " + ", ".join(DATASET_REGISTRY.registered_names()))
+            list_names(args.root)
             return 0
-        import datasets  # noqa: F401  (registers the catalog)
+        check_early(args)
+        from core.engine import TRAINER_REGISTRY
 
         cfg = setup_cfg(args)
+        check_early(args, cfg)
         if args.eval_only and args.model_dir and not os.path.isdir(args.model_dir):
             raise UserError(f"--model-dir {args.model_dir} does not exist; give the output folder of a training run")
         setup_logger(cfg.OUTPUT_DIR)

@@ -50,8 +50,21 @@ _C.INPUT.RRCROP_SCALE = (0.08, 1.0)
 _C.DATASET = CN()
 # Folder holding one sub-folder per dataset (see datasets/catalog.py for the layout).
 _C.DATASET.ROOT = ""
-# Registered dataset name, e.g. ODIR or demo.
+# Registered dataset name, e.g. ODIR or demo, or the name of a dataset declared in data
+# (DATASET.ROOT/<name>/dataset.yaml, see datasets/declared.py).
 _C.DATASET.NAME = ""
+# The next four keys declare a dataset that is not in the catalog (datasets/catalog.py): set in its
+# configs/datasets/<name>.yaml, or filled from a dataset.yaml given as --dataset-config-file.
+# They are ignored while CLASSNAMES is empty.
+# Class names in label order (the labels of data_split.json).
+_C.DATASET.CLASSNAMES = ()
+# Imaging modality, e.g. fundus or dermoscopy (a catalog modality gives the template).
+_C.DATASET.MODALITY = ""
+# Zero-shot prompt sentence; "{}" is the class name. Empty = the modality's template.
+_C.DATASET.TEMPLATE = ""
+# Descriptions file {classname: [descriptions]}; relative paths start at the project folder.
+# Empty = DESCRIPTIONS_DIR/<name>.json.
+_C.DATASET.DESCRIPTIONS_FILE = ""
 # Images per class sampled for training (few-shot); -1 = all training images.
 _C.DATASET.NUM_SHOTS = -1
 # Which classes to use: all, base (first half of the sorted labels) or new (second half).

@@ -1,4 +1,7 @@
-"""Logging, seeding, atomic file writes and the one place devices are resolved."""
+"""Logging, seeding, atomic file writes and the one place devices are resolved.
+
+torch and numpy are imported where used, so that commands which only read files start at once.
+"""
 from __future__ import annotations
 
 import json
@@ -8,9 +11,6 @@ import random
 import sys
 import tempfile
 from contextlib import contextmanager
-
-import numpy as np
-import torch
 
 from .errors import UserError
 
@@ -49,6 +49,9 @@ def setup_logger(output_dir=None, filename="log.txt"):
 
 
 def set_random_seed(seed):
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -56,6 +59,8 @@ def set_random_seed(seed):
 
 def resolve_device(name):
     """Turn the DEVICE setting (auto, cpu, cuda, cuda:N) into a torch.device."""
+    import torch
+
     name = str(name).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,6 +106,8 @@ def write_json_atomic(path, obj, indent=2):
 
 
 def save_torch_atomic(obj, path):
+    import torch
+
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
 

@@ -1,28 +1,19 @@
-"""Registers every catalog dataset (and the synthetic demo) in ``DATASET_REGISTRY``."""
-from core.data import DATASET_REGISTRY
+"""The dataset catalog, datasets declared in data, and the one dataset class that reads them.
 
+Importing this package is light (no torch): ``python -m datasets`` and the
+split tool start at once. ``datasets.split_dataset`` (imported by the trainers)
+defines ``SplitDataset`` and registers every catalog dataset in
+``core.data.DATASET_REGISTRY``.
+"""
 from .catalog import CATALOG, GROUPS, get_entry, normalize_classname, readable_classname, resolve_target
-from .demo import generate_demo
-from .split_dataset import SplitDataset
 
 
-class DemoDataset(SplitDataset):
-    def prepare(self, cfg, folder):
-        generate_demo(folder)
+def __getattr__(name):
+    if name == "SplitDataset":
+        from .split_dataset import SplitDataset
 
+        return SplitDataset
+    raise AttributeError(f"module 'datasets' has no attribute '{name}'")
 
-def _factory(entry):
-    cls = DemoDataset if entry.generated else SplitDataset
-
-    def build(cfg):
-        return cls(cfg, entry)
-
-    build.__name__ = entry.name
-    build.entry = entry
-    return build
-
-
-for _entry in CATALOG.values():
-    DATASET_REGISTRY.register(_factory(_entry), name=_entry.name)
 
 __all__ = ["CATALOG", "GROUPS", "get_entry", "normalize_classname", "readable_classname", "resolve_target", "SplitDataset"]

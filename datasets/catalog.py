@@ -4,7 +4,8 @@ A row gives the registered name, the imaging modality, the folder under
 ``DATASET.ROOT`` that holds ``data_split.json``, the sub-folder (inside that
 folder) the split's relative image paths start from, and the class names in
 label order. Adding a benchmark means adding a row here and a descriptions
-file ``llm_descriptions/<name>.json``.
+file ``llm_descriptions/<name>.json``. A user's own dataset needs no row: it is
+declared in a file next to its data (see ``datasets/declared.py``).
 """
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ class CatalogEntry:
     template: str = ""
     # Data generated on first use (the synthetic demo) rather than provided by the user.
     generated: bool = False
+    # Descriptions file of a declared dataset; empty = llm_descriptions/<name>.json.
+    descriptions: str = ""
+    # The file that declared the dataset; empty for catalog rows.
+    declared_in: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -198,22 +203,34 @@ def readable_classname(name):
     return " ".join(name.replace("_", " ").split())
 
 
+# Datasets declared in data (datasets/declared.py) that this process has read, by name.
+DECLARED = {}
+
+_HOW_TO_DECLARE = (
+    "a dataset of your own is declared by a dataset.yaml next to its data_split.json "
+    "(python -m datasets.make_split --root DATA --folder NAME writes both)"
+)
+
+
+def known_names():
+    return sorted(set(CATALOG) | set(DECLARED), key=str.lower)
+
+
 def get_entry(name):
-    try:
+    if name in CATALOG:
         return CATALOG[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown dataset '{name}'; known datasets: {', '.join(sorted(CATALOG, key=str.lower))}"
-        ) from None
+    if name in DECLARED:
+        return DECLARED[name]
+    raise KeyError(f"unknown dataset '{name}'; known datasets: {', '.join(known_names())}; {_HOW_TO_DECLARE}")
 
 
 def resolve_target(target):
     """Dataset names for a dataset name, a modality group, or 'demo'. Raises KeyError if unknown."""
-    if target in CATALOG:
+    if target in CATALOG or target in DECLARED:
         return [target]
     if target in GROUPS:
         return list(GROUPS[target])
     raise KeyError(
         f"unknown dataset or group '{target}'; groups: {', '.join(sorted(GROUPS))}; "
-        f"datasets: {', '.join(sorted(CATALOG, key=str.lower))}"
+        f"datasets: {', '.join(known_names())}; {_HOW_TO_DECLARE}"
     )

@@ -2,29 +2,30 @@
 
 The split file maps ``train``/``val``/``test`` to rows
 ``[relative_image_path, label, classname]``; paths are relative to
-``<root>/<dataset_dir>/<image_subdir>``.
+``<root>/<dataset_dir>/<image_subdir>``. Without that file the paper's split
+shipped in ``datasets/splits/`` is read (see ``datasets/split_files.py``).
+Importing this module registers every catalog dataset.
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import warnings
+from collections import Counter
 
-from core.data import DatasetBase, Datum, load_or_sample_fewshot, subsample_classnames
+from core.data import DATASET_REGISTRY, DatasetBase, Datum, load_or_sample_fewshot, subsample_classnames
 from core.errors import UserError
-from core.utils import logger, read_json
+from core.utils import logger
 
-from .catalog import normalize_classname
-
-SPLIT_FILE = "data_split.json"
-
-
-def dataset_folder(root, entry):
-    return os.path.join(os.path.abspath(os.path.expanduser(root)), entry.dataset_dir)
+from .catalog import CATALOG, normalize_classname
+from .declared import entry_for_cfg
+from .demo import generate_demo
+from .split_files import SPLIT_FILE, dataset_folder, image_folder, is_image, load_split_file, locate_split  # noqa: F401
 
 
-def read_split_rows(split_path, entry):
-    """Validated ``{split: [(relpath, label, classname)]}`` from a split file."""
-    split = read_json(split_path, what="split file")
+def read_split_rows(split_path, entry, split=None):
+    """Validated ``{split: [(relpath, label, classname)]}`` from a split file (or its already loaded content)."""
+    if split is None:
+        split, _ = load_split_file(split_path)
     if not isinstance(split, dict) or "train" not in split or "test" not in split:
         raise UserError(f"split file {split_path} must be a JSON object with keys train, val and test")
     expected = [normalize_classname(c) for c in entry.classnames]
@@ -67,24 +68,42 @@ class SplitDataset(DatasetBase):
             raise UserError("DATASET.ROOT is not set; pass --root <folder holding the datasets>")
         folder = dataset_folder(root, entry)
         self.prepare(cfg, folder)
-        split_path = os.path.join(folder, SPLIT_FILE)
         if not os.path.isdir(os.path.dirname(folder)):
             raise UserError(f"data root not found: {os.path.dirname(folder)}; check --root / DATASET.ROOT")
-        if not os.path.isdir(folder):
+        image_dir = image_folder(root, entry)
+        split_path, kind = locate_split(root, entry)
+        if split_path is None:
+            option = f"--dataset {entry.name}" if entry.name in CATALOG else f"--folder {entry.dataset_dir}"
             raise UserError(
-                f"dataset folder not found: {folder}; put {entry.name} there with its {SPLIT_FILE} "
-                f"(python -m datasets.make_split builds one from a class-per-folder image tree)"
+                f"no split for {entry.name}: put its images in one folder per class, "
+                f"{os.path.join(image_dir, '<class>', '')}, and run python -m datasets.make_split --root {root} {option}"
             )
-        if not os.path.isfile(split_path):
+        split, split_digest = load_split_file(split_path)
+        rows = read_split_rows(split_path, entry, split)
+        others = [r[0] for key in rows for r in rows[key] if not is_image(r[0])]
+        if others:
+            # Listed by the tool that made the split, but no image can be read from them.
+            logger.info(f"{split_path}: {len(others)} listed file(s) are not images (e.g. {others[0]}); left out")
+            rows = {key: [r for r in items if is_image(r[0])] for key, items in rows.items()}
+        listed = [r[0] for key in ("train", "val", "test") for r in rows[key]]
+        which = "shipped split" if kind == "shipped" else "split"
+        if not os.path.isdir(image_dir):
+            example = os.path.join(image_dir, listed[0]) if listed else os.path.join(image_dir, "<class>", "<image>")
             raise UserError(
-                f"split file missing: {split_path}; put the images in one folder per class under "
-                f"{os.path.join(folder, entry.image_subdir)} and run "
-                f"python -m datasets.make_split --root {root} --dataset {entry.name}"
+                f"images of {entry.name} not found: the {which} {split_path} lists them under "
+                f"{os.path.join(image_dir, '')} (e.g. {example}); put them there "
+                f"(python -m datasets --root {root} shows what is found)"
             )
-        rows = read_split_rows(split_path, entry)
-        with open(split_path, "rb") as f:
-            split_digest = hashlib.sha1(f.read()).hexdigest()
-        image_dir = os.path.join(folder, entry.image_subdir) if entry.image_subdir else folder
+        missing = [p for p in listed if not os.path.isfile(os.path.join(image_dir, p))]
+        if missing:
+            # Not an error here: text-only training reads no image; reading a missing one is.
+            warnings.warn(
+                f"{len(missing)} of the {len(listed)} images the {which} {split_path} lists are missing under "
+                f"{os.path.join(image_dir, '')} (first: {missing[0]})",
+                stacklevel=2,
+            )
+        # Which split a run read, for results.json: the dataset folder's own file or the shipped one.
+        self.split_source, self.split_file, self.split_sha256 = kind, split_path, split_digest
         to_datum = lambda items: [Datum(os.path.join(image_dir, p), y, 0, c) for p, y, c in items]
         train, val, test = to_datum(rows["train"]), to_datum(rows["val"]), to_datum(rows["test"])
         if not train and not test:
@@ -92,6 +111,7 @@ class SplitDataset(DatasetBase):
 
         num_shots = cfg.DATASET.NUM_SHOTS
         if num_shots >= 1:
+            self.warn_short_classes(train, num_shots, cfg.DATASET.SUBSAMPLE_CLASSES)
             seed = cfg.SEED if cfg.SEED >= 0 else 1
             cache = os.path.join(folder, "split_fewshot", f"shot_{num_shots}-seed_{seed}.json")
             train, val = load_or_sample_fewshot(self, cache, train, val, num_shots, seed, split_digest)
@@ -107,8 +127,51 @@ class SplitDataset(DatasetBase):
         )
         super().__init__(train_x=train, val=val, test=test, classnames=classnames)
 
+    def warn_short_classes(self, train, num_shots, subsample):
+        """One warning naming the used classes with fewer training images than the shots asked for."""
+        counts = Counter(d.label for d in train)
+        kept = subsample_classnames(list(range(self.entry.num_classes)), subsample)
+        short = [(self.entry.classnames[y], counts.get(y, 0)) for y in kept if counts.get(y, 0) < num_shots]
+        if short:
+            warnings.warn(
+                f"DATASET.NUM_SHOTS {num_shots}: "
+                + ", ".join(f"class '{c}' has {n} training image(s), all {n} used" for c, n in short),
+                stacklevel=2,
+            )
+
     def prepare(self, cfg, folder):
         """Hook for datasets that create their files on first use."""
 
     def subsample_classnames(self, subsample):
         return subsample_classnames(self.entry.classnames, subsample)
+
+
+class DemoDataset(SplitDataset):
+    def prepare(self, cfg, folder):
+        generate_demo(folder)
+
+
+def _factory(entry):
+    cls = DemoDataset if entry.generated else SplitDataset
+
+    def build(cfg):
+        return cls(cfg, entry)
+
+    build.__name__ = entry.name
+    build.entry = entry
+    return build
+
+
+def build_declared(cfg):
+    """A dataset declared in data (datasets/declared.py), found from the config."""
+    return SplitDataset(cfg, entry_for_cfg(cfg))
+
+
+def register_declared(name):
+    """Make ``DATASET_REGISTRY.get(name)`` build the declared dataset ``name``."""
+    if name not in DATASET_REGISTRY:
+        DATASET_REGISTRY.register(build_declared, name=name)
+
+
+for _entry in CATALOG.values():
+    DATASET_REGISTRY.register(_factory(_entry), name=_entry.name)

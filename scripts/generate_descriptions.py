@@ -2,7 +2,7 @@
 """Write ``llm_descriptions/<dataset>.json`` by asking a large language model.
 
 For every class of every dataset in TARGET (a dataset name or a modality group,
-see ``datasets/catalog.py``) each question of ``llm_descriptions/questions.json``
+see ``datasets/catalog.py``, or a dataset declared in data under ``--root``) each question of ``llm_descriptions/questions.json``
 is asked ``--answers-per-question`` times of an OpenAI-compatible
 chat-completions endpoint. The answers are split into single sentences, cleaned
 of markdown, limited to ``--max-tokens-per-description`` CLIP tokens and
@@ -16,6 +16,10 @@ unless ``--overwrite`` is given.
     export OPENAI_API_KEY=...
     python scripts/generate_descriptions.py Head_CT
     python scripts/generate_descriptions.py ct --model gpt-4o --overwrite
+    python scripts/generate_descriptions.py MyData --root DATA
+
+A declared dataset's descriptions go to the file its declaration names
+(``descriptions:`` in ``DATA/MyData/dataset.yaml``), else ``<out-dir>/MyData.json``.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from tqdm import tqdm  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.utils import read_json, write_json_atomic  # noqa: E402
 from datasets.catalog import MODALITY_NAMES, get_entry, readable_classname, resolve_target  # noqa: E402
+from datasets.declared import lookup  # noqa: E402
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # A small, inexpensive model is plenty for one-sentence visual descriptions.
@@ -49,6 +54,8 @@ MAX_BACKOFF_S = 60.0
 # Besides 429 and 5xx, the status codes OpenAI's own client treats as transient.
 RETRYABLE_STATUS = {408, 409, 429}
 MIN_WORDS = 3
+# Visual vocabulary for a declared dataset whose modality has no 'focus' in questions.json.
+GENERIC_FOCUS = "shape, size, location, colour, brightness and texture of the findings"
 
 SYSTEM_PROMPT = (
     "You are a medical imaging expert. You write short visual descriptions of how a finding or class "
@@ -70,6 +77,8 @@ def parse_args(argv):
                         help=f"model name (default: $MEDPROMPT_LLM_MODEL, else {DEFAULT_MODEL})")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
                         help="environment variable holding the API key (default: %(default)s)")
+    parser.add_argument("--root", default="",
+                        help="data root holding datasets declared in data (DATA/<name>/dataset.yaml)")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
                         help="folder for <dataset>.json (default: the project's llm_descriptions)")
     parser.add_argument("--cache-dir", default=None,
@@ -131,11 +140,12 @@ def load_questions(path):
 
 
 def questions_for(entry, classname, questions, focus, path):
-    if entry.modality not in focus:
+    if entry.modality not in focus and not entry.declared_in:
         raise UserError(f"questions file {path} has no 'focus' for modality '{entry.modality}' (dataset {entry.name})")
     return [
-        q.format(classname=readable_classname(classname), modality=MODALITY_NAMES[entry.modality],
-                 focus=focus[entry.modality])
+        q.format(classname=readable_classname(classname),
+                 modality=MODALITY_NAMES.get(entry.modality, f"{entry.modality} images"),
+                 focus=focus.get(entry.modality, GENERIC_FOCUS))
         for q in questions
     ]
 
@@ -386,7 +396,7 @@ def _plan(datasets, args, questions, focus):
     plan, missing = [], 0
     for name in datasets:
         entry = get_entry(name)
-        out_path = os.path.join(args.out_dir, f"{name}.json")
+        out_path = entry.descriptions or os.path.join(args.out_dir, f"{name}.json")
         if os.path.exists(out_path) and not args.overwrite:
             print(f"skip {name}: {out_path} exists (pass --overwrite to regenerate)")
             continue
@@ -404,6 +414,7 @@ def _plan(datasets, args, questions, focus):
 
 def generate(args):
     try:
+        lookup(args.target, args.root)  # a dataset declared in data becomes known by name
         datasets = resolve_target(args.target)
     except KeyError as e:
         raise UserError(e.args[0]) from None

@@ -5,7 +5,8 @@
     python scripts/sweep.py crossmodal TARGET [POOL]
     python scripts/sweep.py zeroshot TARGET
 
-TARGET is a dataset, a modality group (fundus, oct, pathology, xray, ..., eye, all) or demo.
+TARGET is a dataset, a modality group (fundus, oct, pathology, xray, ..., eye, all) or demo,
+or a dataset declared in data (DATA/<name>/dataset.yaml, written by python -m datasets.make_split --folder).
 Settings come from environment variables (defaults in brackets):
   DATA      data root                                         [./data]
   OUTPUT    output root                                       [./output]
@@ -65,17 +66,34 @@ def datasets_of(target):
 def preflight(settings, names):
     """Stop before training anything if a dataset folder or the backbone's weights are missing."""
     from datasets.catalog import get_entry
-    from datasets.split_dataset import SPLIT_FILE, dataset_folder
+    from datasets.split_files import image_folder, image_presence, load_split_file, locate_split
     from trainers._backbones import check_backbone
+    from trainers._descriptions import descriptions_path
 
     problems = []
     for name in names:
         entry = get_entry(name)
-        split = os.path.join(dataset_folder(settings.data, entry), SPLIT_FILE)
-        if not entry.generated and not os.path.isfile(split):
+        split_path, kind = locate_split(settings.data, entry)
+        images = os.path.join(image_folder(settings.data, entry), "")
+        if entry.generated:
+            continue
+        if split_path is None:
+            option = f"--folder {name}" if entry.declared_in else f"--dataset {name}"
             problems.append(
-                f"dataset {name}: {split} not found (put the {name} images under {dataset_folder(settings.data, entry)} "
-                f"and run python -m datasets.make_split --root {settings.data} --dataset {name})"
+                f"dataset {name}: no split; sort its images into {os.path.join(images, '<class>', '')} and run "
+                f"python -m datasets.make_split --root {settings.data} {option}"
+            )
+            continue
+        found, listed, first_missing = image_presence(settings.data, entry, load_split_file(split_path)[0])
+        if found < listed:
+            problems.append(
+                f"dataset {name}: {found}/{listed} images of the {'shipped' if kind == 'shipped' else 'dataset'} split "
+                f"found under {images} (first missing: {first_missing})"
+            )
+        if entry.declared_in and "MedPromptCLIP" in settings.methods and not os.path.isfile(descriptions_path(name)):
+            problems.append(
+                f"dataset {name}: no descriptions file {descriptions_path(name)} for MedPromptCLIP; name one in "
+                f"{entry.declared_in} or generate it: python scripts/generate_descriptions.py {name} --root {settings.data}"
             )
     try:
         check_backbone(settings.backbone)
@@ -116,9 +134,11 @@ class Runner:
 
 
 def common(settings, dataset, trainer, recipe, seed):
+    from datasets.declared import dataset_config_file
+
     return [
         "--root", settings.data, "--trainer", trainer, "--seed", str(seed),
-        "--dataset-config-file", os.path.join(PROJECT_DIR, "configs", "datasets", f"{dataset}.yaml"),
+        "--dataset-config-file", dataset_config_file(dataset),
         "--config-file", os.path.join(PROJECT_DIR, "configs", "trainers", trainer, f"{recipe}.yaml"),
     ]
 
@@ -244,9 +264,12 @@ def main(argv=None):
     protocol, target = argv[0], argv[1]
     try:
         import datasets  # noqa: F401
-        import trainers  # noqa: F401
+        import trainers
+        from datasets.declared import lookup
 
+        trainers.register_all()
         settings = Settings(target)
+        lookup(target, settings.data)  # a dataset declared in DATA/<target>/ becomes known by name
         unknown = [m for m in settings.methods if m not in __import__("core.engine").engine.TRAINER_REGISTRY]
         if unknown:
             raise UserError(f"unknown method(s) in METHODS: {', '.join(unknown)}")

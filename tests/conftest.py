@@ -16,7 +16,9 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 import datasets  # noqa: E402,F401
-import trainers  # noqa: E402,F401
+import trainers  # noqa: E402
+
+trainers.register_all()  # registers every trainer and, through them, every catalog dataset
 
 TINY_BACKBONES = ("tiny-clip", "tiny-bert-clip")
 

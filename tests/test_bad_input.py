@@ -32,8 +32,10 @@ GOOD_ROWS = [["img/0.png", 0, "Normal_brain"], ["img/1.png", 1, "Brain_bleeding"
 
 CASES = {
     "missing root": (lambda r: (os.path.join(r, "nope"), DEMO_CFG.replace("demo", "NCT")), "data root not found"),
-    "missing dataset folder": (lambda r: (r, DEMO_CFG.replace("demo", "NCT")), "dataset folder not found"),
-    "missing split file": (lambda r: (r, head_ct(r, None)), "split file missing"),
+    "missing dataset folder": (lambda r: (r, DEMO_CFG.replace("demo", "NCT")), "NCT/<class>/, and run python -m datasets.make_split"),
+    "shipped split, image folder missing": (lambda r: (r, DEMO_CFG.replace("demo", "ODIR")),
+                                            os.path.join("datasets", "splits", "ODIR.json.gz") + " lists them under "),
+    "shipped split, images missing": (lambda r: (r, head_ct(r, None)), "image file missing"),
     "malformed split": (lambda r: (r, head_ct(r, "{ not json")), "not valid JSON"),
     "bad row": (lambda r: (r, head_ct(r, {"train": [["a.png", "zero", "x"]], "test": []})), "each row must be"),
     "label disagrees with class": (

@@ -311,3 +311,21 @@ def test_cli_end_to_end(tmp_path):
     assert list(json.loads((tmp_path / f"{DATASET}.json").read_text())) == list(CATALOG[DATASET].classnames)
     assert (tmp_path / ".cache").is_dir()
     assert KEY not in result.stdout + result.stderr
+
+
+def test_declared_dataset_gets_its_declared_descriptions_file(tmp_path):
+    folder = tmp_path / "data" / "Moles"
+    folder.mkdir(parents=True)
+    (folder / "dataset.yaml").write_text(
+        "name: Moles\nmodality: dermoscopy\nclassnames: [benign_nevus, melanoma]\n"
+        "template: 'a dermoscopy image of {}.'\ndescriptions: moles_descriptions.json\n"
+    )
+    with FakeServer() as server:
+        assert run(server, tmp_path / "out", "--answers-per-question", "1", "--root", str(tmp_path / "data"),
+                   target="Moles") == 0
+    data = json.loads((folder / "moles_descriptions.json").read_text())
+    assert list(data) == ["benign_nevus", "melanoma"]
+    assert not (tmp_path / "out" / "Moles.json").exists()
+    questions = [r["body"]["messages"][-1]["content"] for r in server.requests]
+    assert len(questions) == 2 * N_QUESTIONS
+    assert all("dermoscopy images" in q for q in questions) and any(gd.GENERIC_FOCUS in q for q in questions)

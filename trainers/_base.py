@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from core.engine import TrainerX
 from core.errors import UserError
 from core.utils import logger
-from datasets.catalog import get_entry
+from datasets.declared import entry_for_cfg
+from datasets.split_dataset import register_declared
 
 from ._backbones import load_backbone
 from ._original_checkpoints import load_original_model
@@ -46,10 +47,9 @@ class CLIPTrainer(TrainerX):
     # ---------------------------------------------------------------- data
     def build_data_loader(self):
         cfg = self.cfg
-        try:
-            self.dataset_entry = get_entry(cfg.DATASET.NAME)
-        except KeyError as e:
-            raise UserError(e.args[0]) from None
+        self.dataset_entry = entry_for_cfg(cfg)
+        if self.dataset_entry.declared_in:
+            register_declared(self.dataset_entry.name)
         self.backbone = load_backbone(
             cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.PRETRAINED, cfg.MODEL.BACKBONE.CACHE_DIR, device="cpu"
         )
@@ -57,6 +57,11 @@ class CLIPTrainer(TrainerX):
         self.fill_input_cfg()
         super().build_data_loader()
         self.classnames = list(self.dm.dataset.classnames)
+        for key in ("split_source", "split_file", "split_sha256"):
+            if hasattr(self.dm.dataset, key):
+                self.run_info[key] = getattr(self.dm.dataset, key)
+        if self.dataset_entry.declared_in:
+            self.run_info["dataset_declared_in"] = self.dataset_entry.declared_in
 
     def fill_input_cfg(self):
         """Image size and normalization from the backbone unless the config sets them."""

@@ -5,12 +5,16 @@ import os
 
 from core.errors import UserError
 from core.utils import read_json
-from datasets.catalog import normalize_classname
+from datasets.catalog import DECLARED, normalize_classname
 
 from ._backbones import PROJECT_DIR
 
 
 def descriptions_path(dataset, descriptions_dir="llm_descriptions"):
+    """A declared dataset's own descriptions file, else ``<descriptions_dir>/<dataset>.json``."""
+    declared = DECLARED.get(dataset)
+    if declared is not None and declared.descriptions:
+        return declared.descriptions
     directory = descriptions_dir if os.path.isabs(descriptions_dir) else os.path.join(PROJECT_DIR, descriptions_dir)
     return os.path.join(directory, f"{dataset}.json")
 
@@ -23,6 +27,13 @@ def load_descriptions(dataset, classnames, descriptions_dir="llm_descriptions"):
     """
     path = descriptions_path(dataset, descriptions_dir)
     if not os.path.isfile(path):
+        declared = DECLARED.get(dataset)
+        if declared is not None:
+            raise UserError(
+                f"no descriptions for {dataset}: {path} not found; generate them with "
+                f"python scripts/generate_descriptions.py {dataset} --root <data root> (it writes the file named by "
+                f"'descriptions' in {declared.declared_in}, or {path} if none is named)"
+            )
         raise UserError(
             f"no descriptions for {dataset}: {path} not found; write it or run "
             f"python scripts/generate_descriptions.py {dataset}"
