@@ -108,13 +108,23 @@ class CLIPTrainer(TrainerX):
 
     @torch.no_grad()
     def encode_texts(self, texts, batch_size=256):
-        """Normalized features (n, D) of plain texts through the frozen text encoder."""
-        feats = []
+        """Normalized features (n, D) of plain texts through the frozen text encoder.
+
+        Texts are encoded in order of token count, so that each batch is cut to its own longest
+        text (the text encoder's truncation) rather than to the longest of all.
+        """
+        ids = self.prompt_tokenizer(texts)
+        order = torch.argsort((ids != self.text_encoder.pad_id).sum(dim=1), stable=True)
+        feats = torch.empty(0)
         for start in range(0, len(texts), batch_size):
-            ids = self.prompt_tokenizer(texts[start:start + batch_size]).to(self.device)
+            index = order[start:start + batch_size]
+            batch = ids[index].to(self.device)
             with self.autocast():
-                feats.append(F.normalize(self.backbone.model.encode_text(ids).float(), dim=-1))
-        return torch.cat(feats)
+                out = F.normalize(self.text_encoder(self.text_encoder.embed(batch), batch).float(), dim=-1)
+            if feats.numel() == 0:
+                feats = torch.empty(len(texts), out.shape[1], device=out.device)
+            feats[index.to(out.device)] = out
+        return feats
 
     # ---------------------------------------------------------------- evaluation
     uses_frozen_image_features = False
