@@ -84,6 +84,7 @@ class SplitDataset(DatasetBase):
         rows = read_split_rows(split_path, entry)
         with open(split_path, "rb") as f:
             split_digest = hashlib.sha1(f.read()).hexdigest()
+        self.split_file = split_path  # the file read: feature caches are keyed by its content
         image_dir = os.path.join(folder, entry.image_subdir) if entry.image_subdir else folder
         to_datum = lambda items: [Datum(os.path.join(image_dir, p), y, 0, c) for p, y, c in items]
         train, val, test = to_datum(rows["train"]), to_datum(rows["val"]), to_datum(rows["test"])
