@@ -127,7 +127,8 @@ class CLIPTrainer(TrainerX):
         if "_cache_key" not in self.__dict__:
             b = self.cfg.MODEL.BACKBONE
             self._cache_key = {
-                "backbone": backbone_identity(self.backbone, b.PRETRAINED, b.CACHE_DIR),
+                "backbone": backbone_identity(self.backbone, b.PRETRAINED, b.CACHE_DIR,
+                                              self.feature_cache and os.path.join(self.feature_cache.root, "file_sha256")),
                 "precision": self.prec, "device": self.device.type,
             }
         return self._cache_key

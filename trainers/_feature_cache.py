@@ -88,12 +88,36 @@ def parameter_fingerprint(model):
     return h.hexdigest()
 
 
-def backbone_identity(backbone, pretrained="", cache_dir=""):
+def memo_sha256(path, memo_dir=None):
+    """sha256 of a (large) file, remembered in ``memo_dir`` by path, size and modification time."""
+    if not memo_dir:
+        return sha256_file(path)
+    st = os.stat(path)
+    name = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    memo = os.path.join(memo_dir, name)
+    try:
+        with open(memo, encoding="ascii") as f:
+            value = f.read().strip()
+        if len(value) == 64:
+            return value
+    except OSError:
+        pass
+    value = sha256_file(path)
+    try:
+        with atomic_open(memo, "w", encoding="ascii") as f:
+            f.write(value + "\n")
+    except OSError:
+        pass
+    return value
+
+
+def backbone_identity(backbone, pretrained="", cache_dir="", memo_dir=None):
     """What makes a backbone's features what they are: a JSON-able dict.
 
     An ``identity`` attribute on the backbone, when present, is used as is. Otherwise:
     the name, plus the weights file's sha256 (local files), the hub snapshot revision
-    (hub models), or a digest of the parameters (random-weight test configs).
+    (hub models), or for random-weight configs the config file's sha256 and the library
+    versions that draw the weights.
     """
     given = getattr(backbone, "identity", None)
     if given:
@@ -104,10 +128,16 @@ def backbone_identity(backbone, pretrained="", cache_dir=""):
     ident = {"name": backbone.name}
     weights = _weights_file(spec)
     if weights:
-        ident["weights_sha256"] = sha256_file(weights)
-    elif spec.get("hub") or spec.get("arch"):
+        ident["weights_sha256"] = memo_sha256(weights, memo_dir)
+    if spec.get("config"):
+        import open_clip
+
+        ident["config_sha256"] = sha256_file(spec["config"])
+        if not weights:
+            ident["random_init"] = {"torch": torch.__version__, "open_clip": open_clip.__version__}
+    if not weights and not spec.get("config"):
         repo = spec["hub"][len("hf-hub:"):] if spec.get("hub") else None
-        if repo is None:
+        if spec.get("arch"):
             import open_clip
 
             pcfg = open_clip.get_pretrained_cfg(spec["arch"], spec.get("pretrained") or "") or {}
@@ -118,8 +148,6 @@ def backbone_identity(backbone, pretrained="", cache_dir=""):
             ident["hub"], ident["revision"] = repo, revision
         else:
             ident["parameters_sha256"] = parameter_fingerprint(backbone.model)
-    else:
-        ident["parameters_sha256"] = parameter_fingerprint(backbone.model)
     return ident
 
 
