@@ -51,9 +51,18 @@ def register(folder=None):
                    "text_cfg": {"hf_model_name": "bert-base", "hf_tokenizer_name": "bert-base",
                                 "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
                                 "context_length": 256}}, f)
+    apply_threads()
     ALIASES["bench-vit-b-16"] = {"config": native}
     ALIASES["bench-bert-b-16"] = {"config": bert}
     return folder
+
+
+def apply_threads():
+    """Torch threads for code that builds no trainer: MEDPROMPTCLIP_THREADS when set (trainers read it themselves)."""
+    import torch
+
+    if os.environ.get("MEDPROMPTCLIP_THREADS", "").strip():
+        torch.set_num_threads(int(os.environ["MEDPROMPTCLIP_THREADS"]))
 
 
 def device_name():

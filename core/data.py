@@ -317,7 +317,7 @@ def num_workers_for(cfg, num_batches):
     if n < -1:
         raise UserError(f"DATALOADER.NUM_WORKERS must be -1 (automatic), 0 or more, not {n}")
     if n == -1:
-        n = min(8, max(1, cores_per_run() - 1)) if num_batches > 1 else 0
+        n = min(8, cores_per_run() - 1) if num_batches > 1 else 0
     # More workers than cores only adds start-up time.
     return min(n, os.cpu_count() or 1)
 
