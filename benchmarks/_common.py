@@ -55,9 +55,20 @@ def build_trainer(trainer, recipe, root, output_dir, backbone, *opts, extra_args
 
 
 class Timer:
+    """Wall time of a block; on CUDA it waits for the queued kernels at both ends."""
+
+    @staticmethod
+    def sync():
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     def __enter__(self):
+        self.sync()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
+        self.sync()
         self.seconds = time.perf_counter() - self.start

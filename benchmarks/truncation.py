@@ -79,28 +79,24 @@ def time_prompts(name, repeats):
     import torch
 
     from trainers._backbones import load_backbone
-    from trainers._prompt_layer import PromptLearner, PromptTokenizer, TextEncoder
     from datasets.catalog import DEMO
+    from trainers._prompt_layer import PromptLearner, PromptTokenizer, TextEncoder, place
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bb = load_backbone(name)
+    bb.model.to(device)
     te, tok = TextEncoder(bb.model), PromptTokenizer(bb.tokenizer, bb.context_length)
     torch.manual_seed(0)
-    learner = PromptLearner(te, tok, n_ctx=6, depth=9)
-    tokens = learner.tokens_for(list(DEMO.classnames), DEMO.template)
+    learner = PromptLearner(te, tok, n_ctx=6, depth=9).to(device)
+    tokens = learner.tokens_for(list(DEMO.classnames), DEMO.template).to(device)
     times, feats = {}, {}
     with torch.no_grad():
         for truncate in (True, False):
-            emb = learner.forward  # the learner's own path, with the encoder's truncation switched
             best = float("inf")
             for _ in range(repeats):
                 with Timer() as t:
-                    if truncate:
-                        feats[truncate] = emb(te, tokens)
-                    else:
-                        from trainers._prompt_layer import place
-
-                        x = place(te.embed(tokens.ids), tokens.ctx_mask, learner.ctx)
-                        feats[truncate] = te(x, tokens.ids, tokens.ctx_mask, list(learner.deep_ctx), truncate=False)
+                    x = place(te.embed(tokens.ids), tokens.ctx_mask, learner.ctx)
+                    feats[truncate] = te(x, tokens.ids, tokens.ctx_mask, list(learner.deep_ctx), truncate=truncate)
                 best = min(best, t.seconds)
             times[truncate] = best
     assert torch.allclose(feats[True], feats[False], atol=1e-4, rtol=1e-4)

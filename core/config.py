@@ -27,7 +27,7 @@ _C.DEVICE = "auto"
 _C.VERBOSE = True
 # CPU threads for torch; 0 = the MEDPROMPTCLIP_THREADS environment variable if set, else
 # automatic: 1 for test-sized and demo backbones (more threads only add contention there),
-# otherwise the free cores (cores not busy with other jobs) shared among the
+# otherwise the cores this process may use (CPU affinity, cgroup quota) shared among the
 # MEDPROMPTCLIP_PARALLEL_RUNS runs started side by side (default 1).
 _C.NUM_THREADS = 0
 
