@@ -45,6 +45,8 @@ def build_parser():
     p.add_argument("--init-from", default="",
                    help="output folder of a MedPromptCLIP run (or of a run of the original code) whose text prompts "
                         "start this trainer (TRAINER.<NAME>.INIT_FROM)")
+    p.add_argument("--feature-cache", default="",
+                   help="folder of frozen image/text features shared by runs (TEST.FEATURE_CACHE; default: output root)")
     p.add_argument("--no-train", action="store_true", help="build the trainer and stop: checks config and data")
     p.add_argument("--list", action="store_true",
                    help="list trainers and datasets (with --root, also datasets declared there), then exit")
@@ -78,6 +80,8 @@ def setup_cfg(args):
         cfg.TRAINER.NAME = args.trainer
     if args.backbone:
         cfg.MODEL.BACKBONE.NAME = args.backbone
+    if args.feature_cache:
+        cfg.TEST.FEATURE_CACHE = args.feature_cache
     merge_from_list(cfg, args.opts)
     if not cfg.TRAINER.NAME:
         raise UserError("no trainer given; pass --trainer NAME (python train.py --list shows them)")

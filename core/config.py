@@ -25,6 +25,11 @@ _C.SEED = -1
 _C.DEVICE = "auto"
 # Print the merged config and other details at start-up.
 _C.VERBOSE = True
+# CPU threads for torch; 0 = the MEDPROMPTCLIP_THREADS environment variable if set, else
+# automatic: 1 for test-sized and demo backbones (more threads only add contention there),
+# otherwise the cores this process may use (CPU affinity, cgroup quota) shared among the
+# MEDPROMPTCLIP_PARALLEL_RUNS runs started side by side (default 1).
+_C.NUM_THREADS = 0
 
 ###########################
 # Input
@@ -76,8 +81,9 @@ _C.DATASET.DESCRIPTIONS_DIR = "llm_descriptions"
 # Data loaders
 ###########################
 _C.DATALOADER = CN()
-# Worker processes per loader (0 = load in the main process).
-_C.DATALOADER.NUM_WORKERS = 4
+# Worker processes per loader (0 = load in the main process); -1 = automatic: the cores left
+# beside the run's threads, at most 8 and at most one per batch.
+_C.DATALOADER.NUM_WORKERS = -1
 _C.DATALOADER.TRAIN_X = CN()
 # Sampler for the labelled training set: RandomSampler or SequentialSampler.
 _C.DATALOADER.TRAIN_X.SAMPLER = "RandomSampler"
@@ -165,6 +171,11 @@ _C.TEST.NO_TEST = False
 _C.TEST.SPLIT = "test"
 # Which weights are evaluated after training: last_step.
 _C.TEST.FINAL_MODEL = "last_step"
+# Folder where frozen image features of evaluated splits and frozen text features (description
+# targets, zero-shot prompts) are kept and shared by runs, keyed by backbone, precision,
+# preprocessing and inputs; "auto" = feature_cache/ in the output root (the top folder of
+# OUTPUT_DIR under the working directory, else OUTPUT_DIR); "" = do not keep features.
+_C.TEST.FEATURE_CACHE = "auto"
 
 ###########################
 # Trainer

@@ -254,19 +254,47 @@ def read_image(path):
         raise UserError(f"cannot read image {path} ({type(e).__name__}); replace the file or remove its row from data_split.json") from None
 
 
-class DatasetWrapper(Dataset):
-    """Yields Dassl's batch dict: img, label, domain, impath, index."""
+PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
-    def __init__(self, data_source, transform):
+
+def decode_resized(path, short_side, interpolation):
+    """An image decoded and, if larger, resized so that its shorter side is ``short_side`` (as T.Resize does)."""
+    img = read_image(path)
+    if short_side and min(img.size) > short_side:
+        w, h = img.size
+        long_side = int(short_side * max(w, h) / min(w, h))
+        size = (short_side, long_side) if w <= h else (long_side, short_side)
+        img = img.resize(size, resample=PIL_RESAMPLE.get(interpolation, Image.BICUBIC))
+    return img
+
+
+class DatasetWrapper(Dataset):
+    """Yields Dassl's batch dict: img, label, domain, impath, index.
+
+    With ``keep_decoded`` (short_side, interpolation) every image is decoded once, up
+    front, and kept in memory at that size; the transform (augmentation) still runs on
+    every access. Loader workers forked afterwards share the decoded images.
+    """
+
+    def __init__(self, data_source, transform, keep_decoded=None):
         self.data_source = data_source
         self.transform = transform
+        self.decoded = None
+        if keep_decoded is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from .utils import cores_per_run
+
+            # Decoding releases the GIL: threads use the run's cores.
+            with ThreadPoolExecutor(max_workers=cores_per_run()) as pool:
+                self.decoded = list(pool.map(lambda d: decode_resized(d.impath, *keep_decoded), data_source))
 
     def __len__(self):
         return len(self.data_source)
 
     def __getitem__(self, idx):
         item = self.data_source[idx]
-        img = read_image(item.impath)
+        img = self.decoded[idx] if self.decoded is not None else read_image(item.impath)
         return {
             "img": self.transform(img),
             "label": item.label,
@@ -276,24 +304,52 @@ class DatasetWrapper(Dataset):
         }
 
 
+# Few-shot training sets up to this many images are decoded once per run and kept in memory.
+MAX_DECODED_IMAGES = 20_000
+
+
+def num_workers_for(cfg, num_batches):
+    """DATALOADER.NUM_WORKERS, or for -1 the cores of this run less the main process (at most 8), and
+    none for a single batch (a worker would only add its start-up time)."""
+    from .utils import cores_per_run
+
+    n = cfg.DATALOADER.NUM_WORKERS
+    if n < -1:
+        raise UserError(f"DATALOADER.NUM_WORKERS must be -1 (automatic), 0 or more, not {n}")
+    if n == -1:
+        n = min(8, cores_per_run() - 1) if num_batches > 1 else 0
+    # More workers than cores only adds start-up time.
+    return min(n, os.cpu_count() or 1)
+
+
+def uses_cuda(cfg):
+    return str(cfg.DEVICE).strip().lower() != "cpu" and torch.cuda.is_available()
+
+
 def build_data_loader(cfg, data_source, batch_size, transform, is_train):
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, not {batch_size} (DATALOADER.TRAIN_X/TEST.BATCH_SIZE)")
-    if cfg.DATALOADER.NUM_WORKERS < 0:
-        raise UserError(f"DATALOADER.NUM_WORKERS must be 0 or more, not {cfg.DATALOADER.NUM_WORKERS}")
     sampler_name = cfg.DATALOADER.TRAIN_X.SAMPLER if is_train else cfg.DATALOADER.TEST.SAMPLER
     if sampler_name not in ("RandomSampler", "SequentialSampler"):
         raise UserError(f"unknown sampler '{sampler_name}'; use RandomSampler or SequentialSampler")
     shuffle = sampler_name == "RandomSampler"
+    drop_last = is_train and len(data_source) >= batch_size
+    num_batches = len(data_source) // batch_size if drop_last else math.ceil(len(data_source) / batch_size)
+    workers = num_workers_for(cfg, num_batches)
+    keep_decoded = None
+    if is_train and cfg.DATASET.NUM_SHOTS >= 1 and len(data_source) <= MAX_DECODED_IMAGES:
+        # The same few images are read every epoch: decode them once, at the shorter side the transforms
+        # resize to (never enlarged), and augment the kept copy each time.
+        keep_decoded = (max(cfg.INPUT.SIZE) if cfg.INPUT.SIZE else None, cfg.INPUT.INTERPOLATION)
     return DataLoader(
-        DatasetWrapper(data_source, transform),
+        DatasetWrapper(data_source, transform, keep_decoded),
         batch_size=batch_size,
         shuffle=shuffle,
-        # More workers than cores only adds start-up time.
-        num_workers=min(cfg.DATALOADER.NUM_WORKERS, os.cpu_count() or 1),
-        drop_last=is_train and len(data_source) >= batch_size,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=uses_cuda(cfg),
+        # Training loaders are iterated every epoch: keep their workers instead of starting new ones.
+        persistent_workers=is_train and workers > 0,
     )
 
 

@@ -18,7 +18,7 @@ from .data import DataManager
 from .errors import UserError
 from .evaluation import build_evaluator
 from .registry import Registry
-from .utils import atomic_open, logger, resolve_device, save_torch_atomic
+from .utils import atomic_open, logger, progress, resolve_device, save_torch_atomic
 
 TRAINER_REGISTRY = Registry("trainer")
 
@@ -343,20 +343,24 @@ class SimpleTrainer(TrainerBase):
         if loader is None:
             raise UserError(f"the {split} split of {self.cfg.DATASET.NAME} is empty; nothing to evaluate")
         logger.info(f"evaluate on the *{split}* set")
+        start, count = time.time(), 0
         for logits, labels in self.eval_outputs(split, loader):
             self.evaluator.process(logits, labels)
+            count += len(labels)
+        elapsed = time.time() - start
+        logger.info(f"evaluated {count} images in {elapsed:.1f}s ({count / max(elapsed, 1e-9):.0f} images/s)")
         results = self.evaluator.evaluate()
         results["split"] = split
         return results
 
     def eval_outputs(self, split, loader):
         """(logits, labels) batches of a split; trainers may compute them differently (e.g. from cached features)."""
-        for batch in loader:
+        for batch in progress(loader, f"evaluate {split}", min_total=10):
             images, labels = self.parse_batch_test(batch)
             yield self.model_inference(images), labels
 
     def parse_batch_test(self, batch):
-        return batch["img"].to(self.device), batch["label"].to(self.device)
+        return batch["img"].to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)
 
     def model_inference(self, input):
         return self.model(input)
@@ -372,16 +376,31 @@ class TrainerX(SimpleTrainer):
         if loader is None:
             raise UserError(f"the training split of {self.cfg.DATASET.NAME} is empty; nothing to train on")
         self.num_batches = len(loader)
+        if self.epoch == self.start_epoch or getattr(self, "_progress", None) is None:
+            # One bar for the whole training: epochs of a few batches would flash past one by one.
+            total = (self.max_epoch - self.start_epoch) * self.num_batches
+            self._progress = progress(range(total), "train", min_total=1)
+        bar = self._progress
         end = time.time()
+        images = 0
         for self.batch_idx, batch in enumerate(loader):
             loss_summary = self.forward_backward(batch)
             losses.update(loss_summary)
+            if isinstance(batch, dict) and torch.is_tensor(batch.get("img")):
+                images += len(batch["img"])
+            bar.update(1)
+            bar.set_description(f"epoch {self.epoch + 1}/{self.max_epoch}", refresh=False)
+            bar.set_postfix_str(" ".join(f"{k} {m.avg:.4f}" for k, m in losses.meters.items()))
             if (self.batch_idx + 1) % max(self.cfg.TRAIN.PRINT_FREQ, 1) == 0 or self.batch_idx + 1 == self.num_batches:
                 logger.info(
                     f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
                     f"{losses} lr {self.get_current_lr():.4e} time {time.time() - end:.2f}s"
+                    + (f" ({images / max(time.time() - end, 1e-9):.0f} images/s)" if images else "")
                 )
+        if self.epoch + 1 >= self.max_epoch:
+            bar.close()
+            self._progress = None
         self.epoch_losses = losses
 
     def parse_batch_train(self, batch):
-        return batch["img"].to(self.device), batch["label"].to(self.device)
+        return batch["img"].to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)

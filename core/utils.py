@@ -127,3 +127,68 @@ def read_json(path, what="file"):
 
 def count_parameters(module, trainable_only=False):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def usable_cores():
+    """CPU cores this process may run on (affinity and a cgroup CPU quota respected)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def cores_per_run():
+    """The cores one run may use: usable cores shared among MEDPROMPTCLIP_PARALLEL_RUNS runs side by side."""
+    try:
+        parallel = max(1, int(os.environ.get("MEDPROMPTCLIP_PARALLEL_RUNS", "1")))
+    except ValueError:
+        raise UserError("MEDPROMPTCLIP_PARALLEL_RUNS must be a whole number of runs") from None
+    return max(1, usable_cores() // parallel)
+
+
+# Backbones below this many parameters (test-sized and demo models) run on one thread: their
+# operations are too small to split, and extra threads only contend with other jobs.
+SMALL_MODEL_PARAMETERS = 20_000_000
+
+
+def set_threads(setting, num_parameters):
+    """Set torch's CPU threads from NUM_THREADS (0 = MEDPROMPTCLIP_THREADS or automatic); return (n, why)."""
+    n, why = int(setting), "NUM_THREADS"
+    if n < 0:
+        raise UserError(f"NUM_THREADS must be 0 (automatic) or more, not {n}")
+    if n == 0 and os.environ.get("MEDPROMPTCLIP_THREADS", "").strip():
+        try:
+            n, why = int(os.environ["MEDPROMPTCLIP_THREADS"]), "MEDPROMPTCLIP_THREADS"
+        except ValueError:
+            raise UserError("MEDPROMPTCLIP_THREADS must be a whole number of threads") from None
+        if n < 1:
+            raise UserError(f"MEDPROMPTCLIP_THREADS must be 1 or more, not {n}")
+    if n == 0:
+        if num_parameters < SMALL_MODEL_PARAMETERS:
+            n, why = 1, "automatic, small backbone"
+        else:
+            n, why = cores_per_run(), "automatic, cores per run"
+    import torch
+
+    torch.set_num_threads(n)
+    return n, why
+
+
+def progress(iterable, desc, total=None, min_total=1, **kwargs):
+    """A tqdm bar on stderr when it is a terminal and there are at least ``min_total`` steps.
+
+    TQDM_DISABLE=1 turns every bar off.
+    """
+    from tqdm import tqdm
+
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    disable = None if total is None or total >= min_total else True
+    return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, leave=False, **kwargs)

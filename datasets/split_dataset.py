@@ -104,6 +104,7 @@ class SplitDataset(DatasetBase):
             )
         # Which split a run read, for results.json: the dataset folder's own file or the shipped one.
         self.split_source, self.split_file, self.split_sha256 = kind, split_path, split_digest
+        self.image_dir = image_dir
         to_datum = lambda items: [Datum(os.path.join(image_dir, p), y, 0, c) for p, y, c in items]
         train, val, test = to_datum(rows["train"]), to_datum(rows["val"]), to_datum(rows["test"])
         if not train and not test:

@@ -125,7 +125,8 @@ class Runner:
             return
         start = time.time()
         # Options first: everything after the first KEY VALUE pair is read as overrides.
-        argv = ["--output-dir", out, *args, "MODEL.BACKBONE.NAME", self.settings.backbone, *self.settings.opts]
+        argv = ["--output-dir", out, "--feature-cache", os.path.join(self.settings.output, "feature_cache"), *args,
+                "MODEL.BACKBONE.NAME", self.settings.backbone, *self.settings.opts]
         with contextlib.redirect_stdout(io.StringIO()):
             code = train.main(argv)
         if code != 0:

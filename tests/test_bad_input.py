@@ -113,7 +113,7 @@ def test_cli_exit_code_and_single_line(tmp_path):
 
 @pytest.mark.parametrize("opts, message", [
     (["DATALOADER.TEST.BATCH_SIZE", "0"], "batch size must be at least 1"),
-    (["DATALOADER.NUM_WORKERS", "-1"], "NUM_WORKERS must be 0 or more"),
+    (["DATALOADER.NUM_WORKERS", "-2"], "NUM_WORKERS must be -1 (automatic), 0 or more"),
     (["INPUT.PIXEL_STD", "(0.0, 0.0, 0.0)"], "std above 0"),
     (["TEST.SPLIT", "foo"], "TEST.SPLIT must be test or val"),
 ])

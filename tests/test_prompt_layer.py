@@ -14,7 +14,8 @@ def test_text_encoder_reproduces_encode_text(backbones, name):
     te = TextEncoder(bb.model)
     ids = PromptTokenizer(bb.tokenizer, bb.context_length)(TEXTS)
     with torch.no_grad():
-        assert torch.equal(te(te.embed(ids), ids), bb.model.encode_text(ids))
+        assert torch.equal(te(te.embed(ids), ids, truncate=False), bb.model.encode_text(ids))
+        assert torch.allclose(te(te.embed(ids), ids), bb.model.encode_text(ids), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", TINY_BACKBONES + ("tiny-timm-clip",))
@@ -109,3 +110,44 @@ def test_visual_prompts_extend_the_image_encoder(backbones, name):
     assert out.shape == bb.model.encode_image(images).shape
     out.sum().backward()
     assert all(p.grad is not None for p in prompts)
+
+
+@pytest.mark.parametrize("name", TINY_BACKBONES)
+def test_truncated_encoding_equals_full_context(backbones, name):
+    """Rows of different lengths, deep prompts, per-row context: cutting the batch to its longest
+    real sequence gives the full-context features, and the cut is really shorter."""
+    bb = backbones(name)
+    te, tok = TextEncoder(bb.model), PromptTokenizer(bb.tokenizer, bb.context_length)
+    torch.manual_seed(0)
+    learner = PromptLearner(te, tok, n_ctx=3, depth=3, class_specific=True, n_cls=4)
+    tokens = learner.tokens_for(["glaucoma", "age-related_macular_degeneration", "x", "diabetic retinopathy"],
+                                "a fundus image of {} with visible lesions.")
+    lengths = (tokens.ids != te.pad_id).sum(dim=1)
+    assert len(set(lengths.tolist())) > 1
+    for rows in ([0, 1, 2, 3], [2, 0], [2], [1, 3]):
+        part = tokens.select(rows)
+        emb = place(te.embed(part.ids), part.ctx_mask, learner.ctx[rows])
+        assert te.used_length(part.ids) == int(lengths[rows].max()) < bb.context_length
+        with torch.no_grad():
+            cut = te(emb, part.ids, part.ctx_mask, list(learner.deep_ctx))
+            full = te(emb, part.ids, part.ctx_mask, list(learner.deep_ctx), truncate=False)
+        assert torch.allclose(cut, full, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        ids = tok(TEXTS)
+        assert torch.allclose(te(te.embed(ids), ids), te(te.embed(ids), ids, truncate=False), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", TINY_BACKBONES)
+def test_truncated_gradients_equal_full_context(backbones, name):
+    bb = backbones(name)
+    te, tok = TextEncoder(bb.model), PromptTokenizer(bb.tokenizer, bb.context_length)
+    torch.manual_seed(0)
+    learner = PromptLearner(te, tok, n_ctx=2, depth=2)
+    tokens = learner.tokens_for(["glaucoma", "age-related_macular_degeneration"], "a fundus image of {}.")
+    grads = []
+    for truncate in (True, False):
+        learner.zero_grad()
+        emb = place(te.embed(tokens.ids), tokens.ctx_mask, learner.ctx)
+        te(emb, tokens.ids, tokens.ctx_mask, list(learner.deep_ctx), truncate=truncate).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in learner.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())) for a, b in zip(*grads))

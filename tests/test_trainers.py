@@ -1,5 +1,6 @@
 """Every registered trainer, on each tiny backbone: builds, steps, changes only its prompts, round-trips."""
 import os
+import re
 
 import pytest
 import torch
@@ -108,6 +109,10 @@ def test_stacking_loads_medpromptclip_prompts(name, demo_root, tmp_path, capsys)
                           "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "1", capsys=capsys)
     assert code == 0, err
     assert read_results(out)["init_from"]["checkpoint"].endswith("model.pth.tar-2")
+    # The log reports how fast images went through training and evaluation.
+    log = (out / "log.txt").read_text()
+    assert "images/s)" in log.split("] batch [", 1)[1].splitlines()[0]
+    assert re.search(r"evaluated \d+ images in [\d.]+s \(\d+ images/s\)", log)
 
 
 def test_stacking_shape_mismatch_is_one_clear_error(demo_root, tmp_path, capsys):

@@ -1,6 +1,8 @@
 """What every CLIP trainer shares: backbone loading, precision, cached evaluation."""
 from __future__ import annotations
 
+import os
+import time
 from contextlib import nullcontext
 
 import torch
@@ -8,11 +10,12 @@ import torch.nn.functional as F
 
 from core.engine import TrainerX
 from core.errors import UserError
-from core.utils import logger
+from core.utils import count_parameters, logger, progress, set_threads
 from datasets.declared import entry_for_cfg
 from datasets.split_dataset import register_declared
 
 from ._backbones import load_backbone
+from ._feature_cache import FeatureCache, backbone_identity, resolve_cache_dir
 from ._original_checkpoints import load_original_model
 from ._prompt_layer import ImageEncoder, PromptTokenizer, TextEncoder
 
@@ -54,6 +57,8 @@ class CLIPTrainer(TrainerX):
             cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.PRETRAINED, cfg.MODEL.BACKBONE.CACHE_DIR, device="cpu"
         )
         self.run_info["backbone_identity"] = self.backbone.identity
+        threads, why = set_threads(cfg.NUM_THREADS, count_parameters(self.backbone.model))
+        logger.info(f"torch threads: {threads} ({why})")
         self.fill_input_cfg()
         super().build_data_loader()
         self.classnames = list(self.dm.dataset.classnames)
@@ -119,15 +124,66 @@ class CLIPTrainer(TrainerX):
                 self.scaler.step(self._optims[name])
         self.scaler.update()
 
-    @torch.no_grad()
+    # ---------------------------------------------------------------- feature cache
+    @property
+    def feature_cache(self):
+        """The persistent FeatureCache of TEST.FEATURE_CACHE, or None."""
+        if "_feature_cache" not in self.__dict__:
+            root = resolve_cache_dir(self.cfg.TEST.FEATURE_CACHE, self.cfg.OUTPUT_DIR)
+            self._feature_cache = FeatureCache(root) if root else None
+            if root:
+                self.run_info.setdefault("feature_cache", {"folder": root})
+        return self._feature_cache
+
+    def cache_key(self):
+        """What frozen features depend on besides their inputs: backbone, precision, device type."""
+        if "_cache_key" not in self.__dict__:
+            b = self.cfg.MODEL.BACKBONE
+            self._cache_key = {
+                "backbone": backbone_identity(self.backbone, b.PRETRAINED, b.CACHE_DIR,
+                                              self.feature_cache and os.path.join(self.feature_cache.root, "file_sha256")),
+                "precision": self.prec, "device": self.device.type,
+            }
+        return self._cache_key
+
+    def image_cache_key(self, split):
+        cfg = self.cfg
+        return dict(self.cache_key(), kind="images", dataset=cfg.DATASET.NAME, split=split,
+                    split_sha256=self.dm.dataset.split_sha256,
+                    preprocessing={"size": list(cfg.INPUT.SIZE), "mean": list(cfg.INPUT.PIXEL_MEAN),
+                                   "std": list(cfg.INPUT.PIXEL_STD), "interpolation": cfg.INPUT.INTERPOLATION,
+                                   "crop": "resize shorter side, center crop", "no_transform": cfg.INPUT.NO_TRANSFORM})
+
     def encode_texts(self, texts, batch_size=256):
-        """Normalized features (n, D) of plain texts through the frozen text encoder."""
-        feats = []
+        """Normalized features (n, D) of frozen texts, from the feature cache when it holds them."""
+        store = self.feature_cache
+        if store is None:
+            return self.encode_texts_now(texts, batch_size)
+        feats, hit = store.text_features(dict(self.cache_key(), kind="texts"), texts,
+                                         lambda t: self.encode_texts_now(t, batch_size))
+        logger.info(f"text features of {len(texts)} texts: {'from the feature cache' if hit else 'encoded'}")
+        self.run_info["feature_cache"].setdefault("texts", []).append("hit" if hit else "miss")
+        return feats.to(self.device)
+
+    @torch.no_grad()
+    def encode_texts_now(self, texts, batch_size=256):
+        """Normalized features (n, D) of plain texts through the frozen text encoder.
+
+        Texts are encoded in order of token count, so that each batch is cut to its own longest
+        text (the text encoder's truncation) rather than to the longest of all.
+        """
+        ids = self.prompt_tokenizer(texts)
+        order = torch.argsort((ids != self.text_encoder.pad_id).sum(dim=1), stable=True)
+        feats = torch.empty(0)
         for start in range(0, len(texts), batch_size):
-            ids = self.prompt_tokenizer(texts[start:start + batch_size]).to(self.device)
+            index = order[start:start + batch_size]
+            batch = ids[index].to(self.device)
             with self.autocast():
-                feats.append(F.normalize(self.backbone.model.encode_text(ids).float(), dim=-1))
-        return torch.cat(feats)
+                out = F.normalize(self.text_encoder(self.text_encoder.embed(batch), batch).float(), dim=-1)
+            if feats.numel() == 0:
+                feats = torch.empty(len(texts), out.shape[1], device=out.device)
+            feats[index.to(out.device)] = out
+        return feats
 
     # ---------------------------------------------------------------- evaluation
     uses_frozen_image_features = False
@@ -139,19 +195,48 @@ class CLIPTrainer(TrainerX):
     @torch.no_grad()
     def encode_images(self, images):
         with self.autocast():
-            return F.normalize(self.image_encoder(images.to(self.device)).float(), dim=-1)
+            return F.normalize(self.image_encoder(images.to(self.device, non_blocking=True)).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_loader(self, loader, split):
+        """Normalized features (n, D) of every image of a loader, in order; logs images/s."""
+        feats, start = [], time.time()
+        for batch in progress(loader, f"encode {split} images", min_total=10):
+            images, _ = self.parse_batch_test(batch)
+            feats.append(self.encode_images(images))
+        out = torch.cat(feats)
+        elapsed = time.time() - start
+        logger.info(f"encoded {len(out)} {split} images in {elapsed:.1f}s ({len(out) / max(elapsed, 1e-9):.0f} images/s)")
+        return out
 
     @torch.no_grad()
     def cached_image_features(self, split, loader):
-        """Image features and labels of a split, encoded once per run."""
+        """Image features and labels of a split, encoded once per run, and once per backbone, precision and
+        preprocessing across runs when TEST.FEATURE_CACHE is set."""
         cache = self.__dict__.setdefault("_image_feature_cache", {})
         if split not in cache:
-            feats, labels = [], []
-            for batch in loader:
-                images, y = self.parse_batch_test(batch)
-                feats.append(self.encode_images(images))
-                labels.append(y)
-            cache[split] = (torch.cat(feats), torch.cat(labels))
+            data = loader.dataset.data_source
+            labels = torch.tensor([d.label for d in data], dtype=torch.long, device=self.device)
+            store, split_file = self.feature_cache, getattr(self.dm.dataset, "split_file", None)
+            if store is None or not split_file:
+                feats = self.encode_loader(loader, split)
+            else:
+                # Rows are keyed by their path in the image folder, so the base and new halves fill one file.
+                folder = os.path.abspath(self.dm.dataset.image_dir)
+                names = [os.path.relpath(os.path.abspath(d.impath), folder) for d in data]
+
+                def encode(indices):
+                    subset = torch.utils.data.Subset(loader.dataset, indices)
+                    return self.encode_loader(torch.utils.data.DataLoader(
+                        subset, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                        pin_memory=loader.pin_memory), split)
+
+                feats, encoded = store.image_features(self.image_cache_key(split), names, encode)
+                feats = feats.to(self.device)
+                state = "hit" if encoded == 0 else ("miss" if encoded == len(names) else "partial")
+                logger.info(f"{split} image features: {len(names) - encoded} from the feature cache, {encoded} encoded")
+                self.run_info["feature_cache"][split] = {"images": state, "encoded": encoded, "from_cache": len(names) - encoded}
+            cache[split] = (feats, labels)
         return cache[split]
 
     @torch.no_grad()

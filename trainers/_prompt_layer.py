@@ -156,6 +156,7 @@ class TextEncoder(nn.Module):
             if getattr(tower, "cls_emb", None) is not None:
                 raise UserError("text towers with an appended class token (CoCa) are not supported by the prompt layer")
             self.tower = tower
+            self.pad_id = 0
             self.token_embedding_module = tower.token_embedding
             self.transformer = tower.transformer
             self.layers = tower.transformer.resblocks
@@ -178,25 +179,60 @@ class TextEncoder(nn.Module):
             return self.word_embeddings(ids)
         return self.token_embedding_module(ids).to(self.dtype)
 
-    def forward(self, embeddings, ids, ctx_mask=None, deep_prompts=None):
+    def used_length(self, ids):
+        """Positions (a prefix of L) that can change the pooled feature of any row of ``ids`` (n, L).
+
+        A causal tower pooling at the end token never looks past the batch's last end token; a
+        BERT tower masks padding out of attention, so nothing past the longest real sequence
+        counts. Towers pooling elsewhere (last position, no pooling) or without a causal mask
+        need the full context.
+        """
+        full = ids.shape[1]
+        if ids.shape[0] == 0:
+            return full
+        if self.kind == "hf":
+            real = ids != self.pad_id
+        elif self.tower.attn_mask is None:
+            return full
+        elif self.pool_type == "argmax":
+            return int(ids.argmax(dim=-1).max()) + 1
+        elif self.pool_type == "eos" and self.eos_id is not None:
+            return int((ids == self.eos_id).int().argmax(dim=-1).max()) + 1
+        elif self.pool_type == "first":
+            real = ids != 0
+        else:
+            return full
+        positions = torch.arange(1, full + 1, device=ids.device)
+        return max(int((real * positions).max()), 1)
+
+    def forward(self, embeddings, ids, ctx_mask=None, deep_prompts=None, truncate=True):
         """Features (n, embed_dim).
 
         embeddings: (n, L, width) token embeddings (context slots already filled);
         ids: (n, L) the token ids they came from (for pooling and padding);
         deep_prompts: prompts for layers 2.. (list of (k, width) or (n, k, width)),
-        placed at ``ctx_mask`` before those layers.
+        placed at ``ctx_mask`` before those layers;
+        truncate: run only the positions that can change the result (:meth:`used_length`);
+        the features are the same as at full length up to float rounding.
         """
         deep_prompts = list(deep_prompts or [])
         if len(deep_prompts) >= self.num_layers:
             raise UserError(f"{len(deep_prompts) + 1} prompt layers requested but the text encoder has {self.num_layers}")
+        if truncate:
+            length = self.used_length(ids)
+            embeddings, ids = embeddings[:, :length], ids[:, :length]
+            ctx_mask = ctx_mask[:, :length] if ctx_mask is not None else None
         if self.kind == "hf":
             return self._forward_hf(embeddings, ids, ctx_mask, deep_prompts)
         return self._forward_native(embeddings, ids, ctx_mask, deep_prompts)
 
     def _forward_native(self, x, ids, ctx_mask, deep_prompts):
         tower = self.tower
-        x = x + tower.positional_embedding.to(x.dtype)
+        length = x.shape[1]
+        x = x + tower.positional_embedding[:length].to(x.dtype)
         attn_mask = tower.attn_mask
+        if attn_mask is not None:
+            attn_mask = attn_mask[:length, :length]
         batch_first = getattr(self.transformer, "batch_first", True)
         for i, block in enumerate(self.layers):
             if 1 <= i <= len(deep_prompts):

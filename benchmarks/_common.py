@@ -1,0 +1,74 @@
+"""Building trainers for the benchmarks through train.py's own config path, on the demo data."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from _shapes import PROJECT_DIR
+
+WORDS = ("bright", "dark", "small", "large", "round", "irregular", "scattered", "clustered", "central", "peripheral",
+         "yellow", "red", "pale", "dense", "faint", "sharp", "blurred", "multiple", "single", "linear")
+
+
+def demo_root(folder):
+    from datasets.catalog import DEMO
+    from datasets.demo import generate_demo
+
+    path = os.path.join(folder, DEMO.dataset_dir)
+    if not os.path.isfile(os.path.join(path, "data_split.json")):
+        generate_demo(path)
+    return folder
+
+
+def write_descriptions(folder, per_class):
+    """A demo descriptions file with ``per_class`` distinct descriptions of 12 to 30 words per class."""
+    from datasets.catalog import DEMO
+
+    data = {}
+    for c, name in enumerate(DEMO.classnames):
+        texts = []
+        for i in range(per_class):
+            words = [WORDS[(i * 7 + c * 3 + k * k) % len(WORDS)] for k in range(4 + (i * 5 + c) % 19)]
+            texts.append(f"A synthetic image of {name.replace('_', ' ')} with " + " ".join(words) + " findings.")
+        data[name] = texts
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "demo.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    return folder
+
+
+def build_trainer(trainer, recipe, root, output_dir, backbone, *opts, extra_args=()):
+    import train
+    from core.engine import TRAINER_REGISTRY
+    from core.utils import setup_logger
+
+    args = train.build_parser().parse_args([
+        "--root", root, "--trainer", trainer, "--seed", "1",
+        "--dataset-config-file", os.path.join(PROJECT_DIR, "configs", "datasets", "demo.yaml"),
+        "--config-file", os.path.join(PROJECT_DIR, "configs", "trainers", trainer, f"{recipe}.yaml"),
+        "--output-dir", output_dir, *extra_args, "MODEL.BACKBONE.NAME", backbone, "VERBOSE", "False", *opts,
+    ])
+    cfg = train.setup_cfg(args)
+    setup_logger(cfg.OUTPUT_DIR)
+    return TRAINER_REGISTRY.get(cfg.TRAINER.NAME)(cfg)
+
+
+class Timer:
+    """Wall time of a block; on CUDA it waits for the queued kernels at both ends."""
+
+    @staticmethod
+    def sync():
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def __enter__(self):
+        self.sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
