@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from core.data import DatasetBase, Datum, load_or_sample_fewshot, subsample_classnames
+from core.data import FEWSHOT_DIR, DatasetBase, Datum, FolderGuard, load_or_sample_fewshot, subsample_classnames
 from core.errors import UserError
 from core.utils import logger, read_json
 
@@ -56,6 +56,18 @@ def read_split_rows(split_path, entry):
     return rows_by_split
 
 
+def check_rows_inside(split_path, image_dir, rows_by_split):
+    """Raise a UserError naming the first row whose path leads outside ``image_dir`` (links resolved)."""
+    guard = FolderGuard(image_dir)
+    for key, rows in rows_by_split.items():
+        for i, (path, _, _) in enumerate(rows):
+            if guard.resolve(path) is None:
+                raise UserError(
+                    f"split file {split_path}: {key} row {i} path {path[:120]!r} leads outside the image folder "
+                    f"{image_dir}; rows must be paths inside it, without '..' or links to elsewhere"
+                )
+
+
 class SplitDataset(DatasetBase):
     """A catalog entry's images, few-shot sampled and base/new subsampled as configured."""
 
@@ -85,7 +97,8 @@ class SplitDataset(DatasetBase):
         with open(split_path, "rb") as f:
             split_digest = hashlib.sha1(f.read()).hexdigest()
         image_dir = os.path.join(folder, entry.image_subdir) if entry.image_subdir else folder
-        to_datum = lambda items: [Datum(os.path.join(image_dir, p), y, 0, c) for p, y, c in items]
+        check_rows_inside(split_path, image_dir, rows)
+        to_datum = lambda items: [Datum(os.path.join(image_dir, p), y, 0, c, split_path) for p, y, c in items]
         train, val, test = to_datum(rows["train"]), to_datum(rows["val"]), to_datum(rows["test"])
         if not train and not test:
             raise UserError(f"split file {split_path} has no train and no test rows")
@@ -93,8 +106,8 @@ class SplitDataset(DatasetBase):
         num_shots = cfg.DATASET.NUM_SHOTS
         if num_shots >= 1:
             seed = cfg.SEED if cfg.SEED >= 0 else 1
-            cache = os.path.join(folder, "split_fewshot", f"shot_{num_shots}-seed_{seed}.json")
-            train, val = load_or_sample_fewshot(self, cache, train, val, num_shots, seed, split_digest)
+            cache = os.path.join(folder, FEWSHOT_DIR, f"shot_{num_shots}-seed_{seed}.json")
+            train, val = load_or_sample_fewshot(self, cache, train, val, num_shots, seed, split_digest, image_dir=image_dir)
 
         subsample = cfg.DATASET.SUBSAMPLE_CLASSES
         # Cut on the catalog's labels, so a class without rows cannot shift the names of the others.
