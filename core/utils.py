@@ -39,6 +39,8 @@ class _FileHandler(logging.FileHandler):
     def handleError(self, record):
         error = sys.exc_info()[1]
         if isinstance(error, OSError):
+            if error.filename is None:
+                error.filename = self.baseFilename
             raise error
         super().handleError(record)
 

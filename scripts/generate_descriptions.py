@@ -36,7 +36,7 @@ import openai  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from core.errors import UserError  # noqa: E402
-from core.utils import read_json, write_json_atomic  # noqa: E402
+from core.utils import read_json, remove_stale_temp_files, write_json_atomic  # noqa: E402
 from datasets.catalog import MODALITY_NAMES, get_entry, readable_classname, resolve_target  # noqa: E402
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -435,6 +435,9 @@ def generate(args):
     except KeyError as e:
         raise UserError(e.args[0]) from None
     questions, focus = load_questions(args.questions)
+    # What killed runs left of their atomic writes (cache: <cache-dir>/<model>/<dataset>/<class>.json).
+    remove_stale_temp_files(args.out_dir, depth=0)
+    remove_stale_temp_files(args.cache_dir, depth=2)
     plan, missing = _plan(datasets, args, questions, focus)
     if not plan:
         return

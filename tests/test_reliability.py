@@ -4,6 +4,8 @@ import errno
 import json
 import logging
 import os
+import re
+import socket
 import tempfile
 
 import pytest
@@ -12,7 +14,6 @@ import torch
 from conftest import DEMO_CFG, PROJECT_DIR, read_results, recipe, run_train
 from core.data import DATASET_REGISTRY, DatasetWrapper
 from core.errors import UserError
-from core.utils import temp_prefix
 from datasets.demo import draw_image, generate_demo
 
 B2N = recipe("MedPromptCLIP", "base2new")
@@ -66,7 +67,8 @@ def test_crafted_checkpoint_runs_no_code(tmp_path, demo_root, capsys, path):
     else:
         args = ["--root", demo_root, "--trainer", "CoOp", "--dataset-config-file", DEMO_CFG,
                 "--config-file", recipe("CoOp", "stacked"), "--output-dir", out, "--init-from", str(run),
-                "MODEL.BACKBONE.NAME", "tiny-clip", "DATASET.NUM_SHOTS", "1", "DEVICE", "cpu"]
+                "MODEL.BACKBONE.NAME", "tiny-clip", "DATASET.NUM_SHOTS", "1", "DEVICE", "cpu", "OPTIM.MAX_EPOCH", "1",
+                "TEST.NO_TEST", "True"]
     code, err = run_train(*args, capsys=capsys)
     assert not marker.exists()
     assert code == 2 and one_error_line(err), err
@@ -297,7 +299,8 @@ def test_read_only_output_folder_is_one_line(tmp_path, demo_root, capsys, monkey
 
 
 def test_next_start_removes_what_killed_runs_left(tmp_path, demo_root, capsys):
-    host = temp_prefix("x").split(".")[2]
+    # Temporary files are named .<target>.<host>.<pid>.<random>.tmp
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
     out = tmp_path / "out"
     (out / "prompt_learner").mkdir(parents=True)
     stale = out / "prompt_learner" / f".model.pth.tar-2.{host}.{DEAD_PID}.abc123.tmp"

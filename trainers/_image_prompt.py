@@ -117,7 +117,10 @@ class ImagePromptTrainer(CLIPTrainer):
                     f"INIT_FROM {run_dir} was trained with backbone {source_backbone}, this run uses "
                     f"{self.cfg.MODEL.BACKBONE.NAME}; stack on prompts learned with the same backbone"
                 )
-        source = load_checkpoint(path)["state_dict"]
+        checkpoint = load_checkpoint(path)
+        if checkpoint.get("trainer") not in (None, "MedPromptCLIP"):
+            raise UserError(f"INIT_FROM {run_dir} is a {checkpoint['trainer']} run; give a MedPromptCLIP output folder")
+        source = checkpoint["state_dict"]
         if "ctx" not in source:
             raise UserError(f"{path} holds no MedPromptCLIP context ('ctx'); give a MedPromptCLIP output folder")
         targets = self.text_prompt_targets()
