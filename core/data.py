@@ -229,6 +229,8 @@ def load_or_sample_fewshot(dataset, path, train, val, num_shots, seed, source_di
                 data = []
                 for i, row in enumerate(rows):
                     rel, label, classname = row
+                    if not isinstance(rel, str):
+                        raise ValueError(f"{key} row {i} is not [relative_path, label, classname]")
                     impath = guard.resolve(rel)
                     if impath is None:
                         raise UserError(
