@@ -24,7 +24,9 @@ if PROJECT_DIR not in sys.path:
 # torch, open_clip and the trainers are imported only once a run needs them, so --help and --list answer at once.
 from core.config import get_cfg_default, merge_from_file, merge_from_list  # noqa: E402
 from core.errors import UserError  # noqa: E402
-from core.utils import logger, set_random_seed, setup_logger, write_json_atomic  # noqa: E402
+from core.utils import (  # noqa: E402
+    WRITE_ERRNOS, logger, remove_stale_temp_files, set_random_seed, setup_logger, write_error_message, write_json_atomic,
+)
 
 
 def build_parser():
@@ -202,6 +204,7 @@ def main(argv=None):
         check_early(args, cfg)
         if args.eval_only and args.model_dir and not os.path.isdir(args.model_dir):
             raise UserError(f"--model-dir {args.model_dir} does not exist; give the output folder of a training run")
+        remove_stale_temp_files(cfg.OUTPUT_DIR)
         setup_logger(cfg.OUTPUT_DIR)
         logger.info(f"command: {' '.join(sys.argv)}")
         if cfg.SEED >= 0:
@@ -241,6 +244,11 @@ def main(argv=None):
         return 0
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full output folder
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written to results.json", file=sys.stderr)

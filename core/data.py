@@ -15,21 +15,29 @@ from torchvision import transforms as T
 
 from .errors import UserError
 from .registry import Registry
-from .utils import logger, write_json_atomic
+from .utils import logger, remove_stale_temp_files, write_json_atomic
 
 DATASET_REGISTRY = Registry("dataset")
 
+# Folder beside a dataset's split file that holds its few-shot caches.
+FEWSHOT_DIR = "split_fewshot"
+
 
 class Datum:
-    """One sample: image path, label, domain and class name."""
+    """One sample: image path, label, domain and class name.
 
-    __slots__ = ("impath", "label", "domain", "classname")
+    ``source`` names the file that lists the sample (a split file or a few-shot
+    cache), so that an unreadable image can be traced to it.
+    """
 
-    def __init__(self, impath="", label=0, domain=0, classname=""):
+    __slots__ = ("impath", "label", "domain", "classname", "source")
+
+    def __init__(self, impath="", label=0, domain=0, classname="", source=""):
         self.impath = impath
         self.label = int(label)
         self.domain = int(domain)
         self.classname = classname
+        self.source = source
 
     def __repr__(self):
         return f"Datum({self.impath!r}, label={self.label}, classname={self.classname!r})"
@@ -145,7 +153,7 @@ class DatasetBase:
         output = []
         for dataset in args:
             output.append([
-                Datum(item.impath, relabeler[item.label], item.domain, item.classname)
+                Datum(item.impath, relabeler[item.label], item.domain, item.classname, item.source)
                 for item in dataset if item.label in relabeler
             ])
         return output
@@ -163,40 +171,93 @@ def subsample_classnames(classnames, subsample):
     return list(classnames)
 
 
-def load_or_sample_fewshot(dataset, path, train, val, num_shots, seed, source_digest=""):
-    """Few-shot train/val lists, cached as JSON (relative paths) at ``path``.
+class FolderGuard:
+    """Resolves paths relative to one folder, refusing any that lead outside it.
+
+    A path is refused if it is absolute, has a ``..`` part, or passes through a
+    symbolic link (in a folder or the file itself) that points outside. The
+    folder itself may be a link.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.real = os.path.realpath(folder)
+        self._real_dirs = {}
+
+    def resolve(self, relpath):
+        """``folder/relpath``, or None when it would lead outside the folder."""
+        if not isinstance(relpath, str) or not relpath or "\0" in relpath or os.path.isabs(relpath) \
+                or ".." in relpath.split(os.sep):
+            return None
+        path = os.path.join(self.folder, relpath)
+        parent = os.path.dirname(path)
+        real_parent = self._real_dirs.get(parent)
+        if real_parent is None:
+            real_parent = self._real_dirs[parent] = os.path.realpath(parent)
+        real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_parent, os.path.basename(path))
+        if not real.startswith(self.real.rstrip(os.sep) + os.sep):
+            return None
+        return path
+
+
+def load_or_sample_fewshot(dataset, path, train, val, num_shots, seed, source_digest="", *, image_dir):
+    """Few-shot train/val lists, cached as JSON at ``path`` with paths relative to ``image_dir``.
 
     The cache is written atomically, so two runs racing on the same file
     both end with a complete file; sampling is deterministic per seed, so
     both write the same content. ``source_digest`` identifies the split the
-    sample came from: a cache of another split is sampled again.
+    sample came from: a cache of another split is sampled again, and so is one
+    whose rows are not rows of ``train``/``val`` with the same label. A row
+    leading outside ``image_dir`` is an error naming it.
     """
-    root = os.path.dirname(os.path.abspath(path))
+    remove_stale_temp_files(os.path.dirname(path), depth=0)
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
                 cached = json.load(f)
             if not isinstance(cached, dict) or cached.get("source_digest", "") != source_digest:
                 raise ValueError("the split file changed since this sample was drawn")
-            base = os.path.normpath(os.path.join(root, cached["image_root"]))
-            to_datum = lambda rows: [Datum(os.path.join(base, p), y, 0, c) for p, y, c in rows]
-            return to_datum(cached["train"]), to_datum(cached["val"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if cached.get("num_shots") != num_shots or cached.get("seed") != seed:
+                raise ValueError(f"it holds another sample (shots {cached.get('num_shots')}, seed {cached.get('seed')})")
+            guard = FolderGuard(image_dir)
+            lists = []
+            for key, items in (("train", train), ("val", val)):
+                known = {(d.impath, d.label, d.classname) for d in items}
+                rows = cached[key]
+                if not isinstance(rows, list):
+                    raise ValueError(f"'{key}' is not a list")
+                data = []
+                for i, row in enumerate(rows):
+                    rel, label, classname = row
+                    if not isinstance(rel, str):
+                        raise ValueError(f"{key} row {i} is not [relative_path, label, classname]")
+                    impath = guard.resolve(rel)
+                    if impath is None:
+                        raise UserError(
+                            f"few-shot cache {path}: {key} row {i} ({str(rel)[:120]!r}) leads outside the image folder "
+                            f"{image_dir}; delete the cache file (it is sampled again from the split)"
+                        )
+                    if (impath, label, classname) not in known:
+                        raise ValueError(f"{key} row {i} ({rel}, label {label}) is not a {key} row of the split")
+                    data.append(Datum(impath, label, 0, classname, source=path))
+                lists.append(data)
+            return lists[0], lists[1]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             logger.info(f"few-shot cache {path} not used ({e}); sampling again")
     train_fs = dataset.generate_fewshot_dataset(train, num_shots=num_shots, seed=seed)
     val_fs = dataset.generate_fewshot_dataset(val, num_shots=min(num_shots, 4), seed=seed)
-    image_root = os.path.commonpath([os.path.dirname(d.impath) for d in train_fs + val_fs] or [root])
-    rel = lambda items: [[os.path.relpath(d.impath, image_root), d.label, d.classname] for d in items]
+    rel = lambda items: [[os.path.relpath(d.impath, image_dir), d.label, d.classname] for d in items]
     try:
         write_json_atomic(path, {
             "num_shots": num_shots, "seed": seed, "source_digest": source_digest,
-            "image_root": os.path.relpath(image_root, root),
             "train": rel(train_fs), "val": rel(val_fs),
         }, indent=None)
         logger.info(f"saved few-shot split to {path}")
     except OSError as e:
         logger.info(f"could not cache the few-shot split at {path} ({e}); continuing without cache")
-    return train_fs, val_fs
+        return train_fs, val_fs
+    listed = lambda items: [Datum(d.impath, d.label, d.domain, d.classname, source=path) for d in items]
+    return listed(train_fs), listed(val_fs)
 
 
 INTERPOLATIONS = {
@@ -243,23 +304,29 @@ def build_transform(cfg, is_train=True):
     return T.Compose(steps)
 
 
-def read_image(path):
+def read_image(path, source=""):
+    """The image at ``path`` as RGB; ``source`` is the file listing it (named in errors)."""
+    listed = f"listed in {source}" if source else "listed in data_split.json"
+    if source and os.path.basename(os.path.dirname(source)) == FEWSHOT_DIR:
+        fix = f"restore or replace the image, or remove its row from data_split.json and delete {source}"
+    else:
+        fix = f"restore or replace the image, or remove its row from {source or 'data_split.json'}"
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
     except FileNotFoundError:
-        raise UserError(f"image file missing: {path} (restore it or regenerate data_split.json)") from None
+        raise UserError(f"image file missing: {path} ({listed}); {fix}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}); replace the file or remove its row from data_split.json") from None
+        raise UserError(f"cannot read image {path} ({type(e).__name__}; {listed}); {fix}") from None
 
 
 PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
-def decode_resized(path, short_side, interpolation):
+def decode_resized(path, short_side, interpolation, source=""):
     """An image decoded and, if larger, resized so that its shorter side is ``short_side`` (as T.Resize does)."""
-    img = read_image(path)
+    img = read_image(path, source)
     if short_side and min(img.size) > short_side:
         w, h = img.size
         long_side = int(short_side * max(w, h) / min(w, h))
@@ -287,14 +354,15 @@ class DatasetWrapper(Dataset):
 
             # Decoding releases the GIL: threads use the run's cores.
             with ThreadPoolExecutor(max_workers=cores_per_run()) as pool:
-                self.decoded = list(pool.map(lambda d: decode_resized(d.impath, *keep_decoded), data_source))
+                self.decoded = list(pool.map(
+                    lambda d: decode_resized(d.impath, *keep_decoded, getattr(d, "source", "")), data_source))
 
     def __len__(self):
         return len(self.data_source)
 
     def __getitem__(self, idx):
         item = self.data_source[idx]
-        img = self.decoded[idx] if self.decoded is not None else read_image(item.impath)
+        img = self.decoded[idx] if self.decoded is not None else read_image(item.impath, getattr(item, "source", ""))
         return {
             "img": self.transform(img),
             "label": item.label,

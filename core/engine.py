@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import time
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
+from .checkpoint import CHECKPOINT_POINTER, load_checkpoint, read_pointer
 from .data import DataManager
 from .errors import UserError
 from .evaluation import build_evaluator
@@ -21,8 +24,6 @@ from .registry import Registry
 from .utils import atomic_open, logger, progress, resolve_device, save_torch_atomic
 
 TRAINER_REGISTRY = Registry("trainer")
-
-CHECKPOINT_POINTER = "checkpoint"
 
 
 class AverageMeter:
@@ -69,13 +70,26 @@ def schedule_settings(cfg):
     return {k: (list(cfg.OPTIM[k]) if isinstance(cfg.OPTIM[k], (list, tuple)) else cfg.OPTIM[k]) for k in keys}
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); it may be incomplete, rerun the training") from None
+def rng_state():
+    """The state of every random generator that drives shuffling and augmentation (plain values and tensors)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what :func:`rng_state` saved, so a resumed run draws the numbers the interrupted one would have."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class TrainerBase:
@@ -106,8 +120,14 @@ class TrainerBase:
         name = self.get_model_names(names)[0]
         return self._optims[name].param_groups[0]["lr"]
 
+    def checkpoint_settings(self):
+        """{setting: value} a checkpoint must share with the model it is loaded into (trainer, backbone, shapes)."""
+        return OrderedDict()
+
     def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
         """Write ``directory/<name>/model.pth.tar-<epoch>`` atomically for each registered model."""
+        settings = dict(self.checkpoint_settings())
+        losses = getattr(self, "epoch_losses", None)
         for name in self.get_model_names():
             optim, sched = self._optims[name], self._scheds[name]
             checkpoint = {
@@ -118,6 +138,13 @@ class TrainerBase:
                 "val_result": val_result,
                 # What the learning-rate schedule depends on: a resume must use the same.
                 "optim_cfg": schedule_settings(self.cfg) if hasattr(self, "cfg") else None,
+                "trainer": settings.get("TRAINER.NAME"),
+                "backbone": settings.get("MODEL.BACKBONE.NAME"),
+                "settings": settings,
+                # Random state after this epoch: a resumed run shuffles and augments as this one goes on to.
+                "rng": rng_state(),
+                # The last epoch's mean losses, so a run resumed after its last epoch still reports them.
+                "train_loss": {k: m.avg for k, m in losses.meters.items()} if losses is not None else None,
             }
             fname = model_name or f"model.pth.tar-{epoch + 1}"
             model_dir = os.path.join(directory, name)
@@ -128,14 +155,12 @@ class TrainerBase:
 
     def resume_model_if_exist(self, directory):
         """Load the latest checkpoint of every model from ``directory``; return the epoch to start at."""
-        pointers = [os.path.join(directory, name, CHECKPOINT_POINTER) for name in self.get_model_names()]
-        if not all(os.path.isfile(p) for p in pointers):
+        paths = [read_pointer(os.path.join(directory, name)) for name in self.get_model_names()]
+        if not all(paths):
             return 0
         start_epoch = 0
-        for name, pointer in zip(self.get_model_names(), pointers):
-            with open(pointer, encoding="utf-8") as f:
-                fname = f.read().strip()
-            checkpoint = load_checkpoint(os.path.join(directory, name, fname))
+        for name, path in zip(self.get_model_names(), paths):
+            checkpoint = load_checkpoint(path)
             saved = checkpoint.get("optim_cfg")
             if saved is not None and hasattr(self, "cfg") and saved != schedule_settings(self.cfg):
                 changed = ", ".join(f"OPTIM.{k} {saved.get(k)} -> {v}" for k, v in schedule_settings(self.cfg).items()
@@ -144,14 +169,33 @@ class TrainerBase:
                     f"{directory} holds a run with other optimization settings ({changed}); resuming it needs the "
                     f"same settings: rerun with them, or give a new --output-dir"
                 )
-            self._load_state(name, checkpoint["state_dict"], os.path.join(directory, name, fname))
+            self.load_checkpoint_into(name, checkpoint, path)
             if self._optims[name] is not None and checkpoint.get("optimizer"):
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
             if self._scheds[name] is not None and checkpoint.get("scheduler"):
                 self._scheds[name].load_state_dict(checkpoint["scheduler"])
+            if checkpoint.get("rng"):
+                set_rng_state(checkpoint["rng"])
+            if checkpoint.get("train_loss"):
+                self.epoch_losses = MetricMeter()
+                self.epoch_losses.update(checkpoint["train_loss"])
             start_epoch = checkpoint["epoch"]
-            logger.info(f"resumed {name} from {fname} (next epoch {start_epoch + 1})")
+            logger.info(f"resumed {name} from {os.path.basename(path)} (next epoch {start_epoch + 1})")
         return start_epoch
+
+    def load_checkpoint_into(self, name, checkpoint, source):
+        """Check that ``checkpoint`` (a dict from :func:`load_checkpoint`) fits model ``name``, then load every tensor."""
+        saved = checkpoint.get("settings")
+        if isinstance(saved, dict):  # older checkpoints of this program do not record them
+            current = self.checkpoint_settings()
+            differing = [f"{k} {saved.get(k)!r} in the checkpoint, {current.get(k)!r} here"
+                         for k in list(current) + [k for k in saved if k not in current] if saved.get(k) != current.get(k)]
+            if differing:
+                raise UserError(
+                    f"checkpoint {source} was saved with other settings ({'; '.join(differing)}); "
+                    f"use the saved run's settings, or a run made with these"
+                )
+        self._load_state(name, checkpoint["state_dict"], source)
 
     def _load_state(self, name, state_dict, source):
         model = self._models[name]
@@ -161,6 +205,13 @@ class TrainerBase:
             raise UserError(
                 f"checkpoint {source} holds tensors this model does not have ({', '.join(unknown[:3])}); "
                 f"was it written by another trainer or backbone?"
+            )
+        missing = [k for k, p in own.items() if p.requires_grad and k not in state_dict]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise UserError(
+                f"checkpoint {source} lacks tensors this model learns ({', '.join(missing[:5])}{more}); they would "
+                f"stay untrained: load a run made with the same trainer settings (e.g. prompt depth)"
             )
         for k, v in state_dict.items():
             if own[k].shape != v.shape:
@@ -180,20 +231,22 @@ class TrainerBase:
         for name in self.get_model_names():
             model_dir = os.path.join(directory, name)
             if epoch is not None:
-                fname = f"model.pth.tar-{epoch}"
+                path = os.path.join(model_dir, f"model.pth.tar-{epoch}")
             else:
-                pointer = os.path.join(model_dir, CHECKPOINT_POINTER)
-                if not os.path.isfile(pointer):
+                path = read_pointer(model_dir)
+                if path is None:
                     raise UserError(
-                        f"no checkpoint of '{name}' in {directory} (expected {pointer}); "
+                        f"no checkpoint of '{name}' in {directory} (expected {os.path.join(model_dir, CHECKPOINT_POINTER)}); "
                         f"point --model-dir at the output folder of a finished training run of the same trainer"
                     )
-                with open(pointer, encoding="utf-8") as f:
-                    fname = f.read().strip()
-            path = os.path.join(model_dir, fname)
             checkpoint = load_checkpoint(path)
-            self._load_state(name, checkpoint["state_dict"], path)
+            self.load_checkpoint_into(name, checkpoint, path)
             logger.info(f"loaded weights of {name} from {path} (epoch {checkpoint.get('epoch')})")
+
+    def load_init_weights(self, name, path):
+        """MODEL.INIT_WEIGHTS: every learnable tensor of ``name`` from one checkpoint file."""
+        self.load_checkpoint_into(name, load_checkpoint(path), path)
+        logger.info(f"initialized {name} from {path}")
 
     def set_model_mode(self, mode="train", names=None):
         for name in self.get_model_names(names):
@@ -305,6 +358,11 @@ class SimpleTrainer(TrainerBase):
 
     def build_model(self):
         raise NotImplementedError
+
+    def checkpoint_settings(self):
+        settings = super().checkpoint_settings()
+        settings["TRAINER.NAME"] = self.cfg.TRAINER.NAME
+        return settings
 
     def before_train(self):
         directory = self.cfg.OUTPUT_DIR

@@ -4,10 +4,14 @@ torch and numpy are imported where used, so that commands which only read files 
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
+import re
+import shutil
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -29,6 +33,18 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
+class _FileHandler(logging.FileHandler):
+    """A log file whose write errors (disk full) stop the run instead of printing a traceback and going on."""
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            if error.filename is None:
+                error.filename = self.baseFilename
+            raise error
+        super().handleError(record)
+
+
 def setup_logger(output_dir=None, filename="log.txt"):
     """Log to stdout, and to ``output_dir/filename`` when a folder is given."""
     logger.setLevel(logging.INFO)
@@ -42,7 +58,7 @@ def setup_logger(output_dir=None, filename="log.txt"):
     logger.addHandler(stream)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(output_dir, filename), mode="a", encoding="utf-8")
+        fh = _FileHandler(os.path.join(output_dir, filename), mode="a", encoding="utf-8")
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
@@ -78,12 +94,80 @@ def resolve_device(name):
     raise UserError(f"DEVICE must be auto, cpu, cuda or cuda:N, not '{name}'")
 
 
+def _host_tag():
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+# Temporary files are named .<target>.<host>.<pid>.<random>.tmp, so a later run can tell
+# those of a killed process (same host, pid gone) from those of a live one.
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_stale_temp(name):
+    """Whether ``name`` is a temporary file or folder of a process of this host that no longer runs."""
+    match = _TEMP_NAME.match(name)
+    return bool(match) and match["host"] == _host_tag() and not _pid_alive(int(match["pid"]))
+
+
+def temp_prefix(target):
+    """Prefix for a temporary file or folder standing in for ``target`` (see :func:`is_stale_temp`)."""
+    return f".{os.path.basename(target)}.{_host_tag()}.{os.getpid()}."
+
+
+def remove_stale_temp_files(folder, depth=2):
+    """Delete what killed runs left of their atomic writes in ``folder`` (and subfolders up to ``depth``)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if is_stale_temp(entry.name):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.remove(entry.path)
+            except OSError:
+                pass
+        elif depth > 0 and entry.is_dir(follow_symlinks=False):
+            remove_stale_temp_files(entry.path, depth - 1)
+
+
+# Errors of a folder that cannot be written to: read-only, full, over quota, not a folder.
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                errno.EEXIST, errno.EISDIR}
+
+
+def write_error_message(error):
+    """One line for an OSError of a folder that cannot be written: what, where, how to fix."""
+    where = error.filename or "the output folder"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free disk space (or quota) there, or choose another folder"
+    else:
+        fix = "make the folder writable, or choose another one"
+    return f"{error.strerror or error}: {where}; {fix}"
+
+
 @contextmanager
 def atomic_open(path, mode="w", **kwargs):
     """Open a temporary file beside ``path``; it replaces ``path`` only if the block succeeds."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=directory)
+    except OSError as e:
+        e.filename = path  # name the file the user asked for, not the temporary one
+        raise
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
@@ -93,9 +177,11 @@ def atomic_open(path, mode="w", **kwargs):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            e.filename = path
         raise
 
 

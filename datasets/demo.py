@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from core.utils import logger, write_json_atomic
+from core.utils import logger, remove_stale_temp_files, temp_prefix, write_json_atomic
 
 from .catalog import DEMO
 
@@ -131,14 +131,19 @@ def generate_demo(folder):
     """Write the demo's images and data_split.json to ``folder`` unless the split already exists.
 
     Images are drawn in a temporary folder beside ``folder`` that is renamed into
-    place at the end, so an interrupted run leaves nothing half-made behind.
+    place at the end, so an interrupted run leaves nothing half-made behind; the
+    temporary folders of killed runs are removed at the next start.
     """
     split_path = os.path.join(folder, "data_split.json")
     if os.path.isfile(split_path):
         return False
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
+    remove_stale_temp_files(parent, depth=0)
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(folder), suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; the data folder gets the usual permissions
     try:
         split = {key: [] for key in SPLIT_SIZES}
         index = 0

@@ -12,7 +12,7 @@ import os
 import warnings
 from collections import Counter
 
-from core.data import DATASET_REGISTRY, DatasetBase, Datum, load_or_sample_fewshot, subsample_classnames
+from core.data import DATASET_REGISTRY, FEWSHOT_DIR, DatasetBase, Datum, FolderGuard, load_or_sample_fewshot, subsample_classnames
 from core.errors import UserError
 from core.utils import logger
 
@@ -57,6 +57,18 @@ def read_split_rows(split_path, entry, split=None):
     return rows_by_split
 
 
+def check_rows_inside(split_path, image_dir, rows_by_split):
+    """Raise a UserError naming the first row whose path leads outside ``image_dir`` (links resolved)."""
+    guard = FolderGuard(image_dir)
+    for key, rows in rows_by_split.items():
+        for i, (path, _, _) in enumerate(rows):
+            if guard.resolve(path) is None:
+                raise UserError(
+                    f"split file {split_path}: {key} row {i} path {path[:120]!r} leads outside the image folder "
+                    f"{image_dir}; rows must be paths inside it, without '..' or links to elsewhere"
+                )
+
+
 class SplitDataset(DatasetBase):
     """A catalog entry's images, few-shot sampled and base/new subsampled as configured."""
 
@@ -85,6 +97,7 @@ class SplitDataset(DatasetBase):
             # Listed by the tool that made the split, but no image can be read from them.
             logger.info(f"{split_path}: {len(others)} listed file(s) are not images (e.g. {others[0]}); left out")
             rows = {key: [r for r in items if is_image(r[0])] for key, items in rows.items()}
+        check_rows_inside(split_path, image_dir, rows)
         listed = [r[0] for key in ("train", "val", "test") for r in rows[key]]
         which = "shipped split" if kind == "shipped" else "split"
         if not os.path.isdir(image_dir):
@@ -105,7 +118,7 @@ class SplitDataset(DatasetBase):
         # Which split a run read, for results.json: the dataset folder's own file or the shipped one.
         self.split_source, self.split_file, self.split_sha256 = kind, split_path, split_digest
         self.image_dir = image_dir
-        to_datum = lambda items: [Datum(os.path.join(image_dir, p), y, 0, c) for p, y, c in items]
+        to_datum = lambda items: [Datum(os.path.join(image_dir, p), y, 0, c, split_path) for p, y, c in items]
         train, val, test = to_datum(rows["train"]), to_datum(rows["val"]), to_datum(rows["test"])
         if not train and not test:
             raise UserError(f"split file {split_path} has no train and no test rows")
@@ -114,8 +127,8 @@ class SplitDataset(DatasetBase):
         if num_shots >= 1:
             self.warn_short_classes(train, num_shots, cfg.DATASET.SUBSAMPLE_CLASSES)
             seed = cfg.SEED if cfg.SEED >= 0 else 1
-            cache = os.path.join(folder, "split_fewshot", f"shot_{num_shots}-seed_{seed}.json")
-            train, val = load_or_sample_fewshot(self, cache, train, val, num_shots, seed, split_digest)
+            cache = os.path.join(folder, FEWSHOT_DIR, f"shot_{num_shots}-seed_{seed}.json")
+            train, val = load_or_sample_fewshot(self, cache, train, val, num_shots, seed, split_digest, image_dir=image_dir)
 
         subsample = cfg.DATASET.SUBSAMPLE_CLASSES
         # Cut on the catalog's labels, so a class without rows cannot shift the names of the others.

@@ -8,4 +8,6 @@ if [ $# -lt 1 ]; then
     echo "usage: bash scripts/crossmodal.sh TARGET [POOL]" >&2
     exit 2
 fi
-exec python "$(dirname "$0")/sweep.py" crossmodal "$@"
+# The interpreter: $PYTHON if set, else python3, else python (some systems have only one of them).
+PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
+exec "$PYTHON" "$(dirname "$0")/sweep.py" crossmodal "$@"

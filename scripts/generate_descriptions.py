@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import re
@@ -39,7 +40,7 @@ import openai  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from core.errors import UserError  # noqa: E402
-from core.utils import read_json, write_json_atomic  # noqa: E402
+from core.utils import read_json, remove_stale_temp_files, write_json_atomic  # noqa: E402
 from datasets.catalog import MODALITY_NAMES, get_entry, readable_classname, resolve_target  # noqa: E402
 from datasets.declared import lookup  # noqa: E402
 
@@ -174,6 +175,12 @@ class ClassCache:
                 raise UserError(f"cache file {self.path} does not belong to {model}/{dataset}/{classname}; delete it")
             self.answers = data["answers"]
 
+    def scrub(self, api_key):
+        """Remove the API key from answers cached before it was scrubbed on arrival; rewrite the file if needed."""
+        if api_key and any(isinstance(a, str) and api_key in a for answers in self.answers.values() for a in answers):
+            self.answers = {q: [scrub(a, api_key) for a in answers] for q, answers in self.answers.items()}
+            write_json_atomic(self.path, {**self.header, "answers": self.answers}, indent=1)
+
     def get(self, question, index):
         answers = self.answers.get(question, [])
         return answers[index] if index < len(answers) else None
@@ -210,7 +217,18 @@ def _retry_after(exc):
         return None
 
 
+class BadReply(Exception):
+    """A reply that is not a chat completion (e.g. an HTML error page from a proxy)."""
+
+
+def scrub(text, api_key):
+    """``text`` without the API key: servers may echo it, and nothing written may hold it."""
+    return text.replace(api_key, "***") if api_key and isinstance(text, str) else text
+
+
 def _is_retryable(exc):
+    if isinstance(exc, BadReply):
+        return True
     if isinstance(exc, openai.APIConnectionError):
         return True
     if isinstance(exc, openai.APIStatusError):
@@ -226,6 +244,8 @@ def _describe_error(exc):
         return f"connection error ({type(cause).__name__}: {cause})"
     if isinstance(exc, openai.APIStatusError):
         return f"HTTP {exc.status_code}: {_server_message(exc)}"
+    if isinstance(exc, BadReply):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -241,34 +261,41 @@ class Asker:
         self.requests = 0
 
     def redact(self, text):
-        """Servers may echo the key in error messages; nothing printed or raised may contain it."""
-        return text.replace(self.api_key, "***") if self.api_key else text
+        """Servers may echo the key (in errors or answers); nothing printed, raised or written may contain it."""
+        return scrub(text, self.api_key)
 
     def _request(self, question):
         self.requests += 1
-        response = self.client.chat.completions.create(
-            model=self.args.model,
-            messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}],
-            temperature=self.args.temperature,
-        )
+        try:
+            response = self.client.chat.completions.create(
+                model=self.args.model,
+                messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}],
+                temperature=self.args.temperature,
+            )
+        except json.JSONDecodeError as e:
+            raise BadReply(f"the reply is not JSON ({e.msg})") from None
+        # The client hands back the raw text when the reply is not declared as JSON.
+        if not hasattr(response, "choices"):
+            raise BadReply(f"the reply is not a chat completion in JSON: {_one_line(response, 80)!r}")
         if not response.choices:
             return ""
         return response.choices[0].message.content or ""
 
     def ask(self, question, log=print):
-        """The answer's text; ``log`` reports each retry."""
+        """The answer's text, without the API key; ``log`` reports each retry."""
         attempts = self.args.retries + 1
         for attempt in range(attempts):
             try:
-                return self._request(question)
-            except openai.OpenAIError as exc:
+                return self.redact(self._request(question))
+            except (openai.OpenAIError, BadReply) as exc:
                 what = self.redact(_one_line(_describe_error(exc)))
                 if not _is_retryable(exc):
                     raise UserError(self._fatal_message(exc, what)) from None
                 if attempt + 1 == attempts:
+                    hint = ("check that --base-url is an OpenAI-compatible endpoint (it usually ends in /v1)"
+                            if isinstance(exc, BadReply) else "try again later or raise --retries")
                     raise UserError(
-                        f"{self.args.base_url} still failing after {self.args.retries} retries ({what}); "
-                        "try again later or raise --retries"
+                        f"{self.args.base_url} still failing after {self.args.retries} retries ({what}); {hint}"
                     ) from None
                 delay = min(MAX_BACKOFF_S, self.args.retry_delay * 2 ** attempt)
                 delay *= 0.5 + random.random() / 2
@@ -419,11 +446,17 @@ def generate(args):
     except KeyError as e:
         raise UserError(e.args[0]) from None
     questions, focus = load_questions(args.questions)
+    # What killed runs left of their atomic writes (cache: <cache-dir>/<model>/<dataset>/<class>.json).
+    remove_stale_temp_files(args.out_dir, depth=0)
+    remove_stale_temp_files(args.cache_dir, depth=2)
     plan, missing = _plan(datasets, args, questions, focus)
     if not plan:
         return
 
     api_key = os.environ.get(args.api_key_env, "")
+    for _, _, classes in plan:
+        for _, cache, _ in classes:
+            cache.scrub(api_key)
     if missing and not api_key:
         raise UserError(
             f"no API key: set the environment variable {args.api_key_env} "

@@ -7,4 +7,6 @@ if [ $# -lt 1 ]; then
     echo "usage: bash scripts/zeroshot.sh TARGET   (a dataset, a modality group such as fundus or eye, or demo)" >&2
     exit 2
 fi
-exec python "$(dirname "$0")/sweep.py" zeroshot "$@"
+# The interpreter: $PYTHON if set, else python3, else python (some systems have only one of them).
+PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
+exec "$PYTHON" "$(dirname "$0")/sweep.py" zeroshot "$@"

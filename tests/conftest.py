@@ -49,10 +49,16 @@ def demo_root(tmp_path_factory):
 
 
 def run_train(*args, capsys=None):
-    """Run train.py's main in-process; returns (exit code, stderr text)."""
+    """Run train.py's main in-process; returns (exit code, stderr text).
+
+    Runs on the CPU unless the arguments set DEVICE, so the suite behaves the same with a GPU present.
+    """
     import train
 
-    code = train.main([str(a) for a in args])
+    args = [str(a) for a in args]
+    if "DEVICE" not in args:
+        args += ["DEVICE", "cpu"]
+    code = train.main(args)
     err = capsys.readouterr().err if capsys is not None else ""
     return code, err
 

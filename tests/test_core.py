@@ -175,10 +175,11 @@ def test_fewshot_sampling_is_per_seed_and_cached_as_relative_json(tmp_path):
 
     train, val = items(root=str(tmp_path / "img")), items(per_class=3, root=str(tmp_path / "img"))
     cache = tmp_path / "split_fewshot" / "shot_4-seed_1.json"
-    t1, v1 = load_or_sample_fewshot(ds, str(cache), train, val, 4, 1)
+    image_dir = str(tmp_path / "img")
+    t1, v1 = load_or_sample_fewshot(ds, str(cache), train, val, 4, 1, image_dir=image_dir)
     data = json.loads(cache.read_text())
     assert all(not os.path.isabs(row[0]) for row in data["train"])
-    t2, v2 = load_or_sample_fewshot(ds, str(cache), train[::-1], val, 4, 1)  # read back, not resampled
+    t2, v2 = load_or_sample_fewshot(ds, str(cache), train[::-1], val, 4, 1, image_dir=image_dir)  # read back, not resampled
     assert [d.impath for d in t1] == [d.impath for d in t2]
     assert [d.label for d in v1] == [d.label for d in v2]
 

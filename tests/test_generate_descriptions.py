@@ -31,7 +31,8 @@ class FakeServer:
     """POST /v1/chat/completions in the OpenAI response shape.
 
     ``failures`` lists what the first requests get instead of an answer: an
-    HTTP status code, or "drop" to close the connection without a response.
+    HTTP status code, "drop" to close the connection without a response, or
+    "html"/"badjson" for a 200 reply whose body is not JSON (declared as HTML/JSON).
     ``fail_from`` answers every request from that number on with status 400.
     """
 
@@ -69,6 +70,14 @@ class FakeServer:
                                                       "type": "invalid_request_error"}})
                 if failure == "drop":
                     self.close_connection = True
+                    return
+                if failure in ("html", "badjson"):
+                    data = b"<html><body>502 Bad Gateway</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html" if failure == "html" else "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
                     return
                 if failure is not None:
                     return self._send(failure, {"error": {"message": f"simulated {failure}"}})
@@ -295,6 +304,30 @@ def test_api_key_never_appears(tmp_path, capsys, monkeypatch):
     assert "Incorrect API key provided: ***" in captured.err
     for text in (captured.out, captured.err, all_files_text(tmp_path)):
         assert KEY not in text
+
+
+def test_api_key_echoed_in_answers_is_scrubbed_from_everything_written(tmp_path, capsys):
+    echo = lambda question, count: f"The key {KEY} shows a well defined hyperdense region in the brain."
+    with FakeServer(answer=echo) as server:
+        assert run(server, tmp_path, "--answers-per-question", "1") == 0
+    captured = capsys.readouterr()
+    written = all_files_text(tmp_path)
+    assert "hyperdense region" in written and "***" in written
+    for text in (captured.out, captured.err, written):
+        assert KEY not in text
+
+
+def test_non_json_reply_is_retried_then_one_line(tmp_path, capsys):
+    with FakeServer(failures=["html", "badjson"]) as server:  # a proxy's error page, then a good answer
+        assert run(server, tmp_path, "--answers-per-question", "1") == 0
+    assert len(server.requests) == 2 + 2 * N_QUESTIONS
+    assert "not JSON" in capsys.readouterr().err
+    with FakeServer(failures=["html"] * 5) as server:
+        assert run(server, tmp_path / "second", "--retries", "2") == 2
+    assert len(server.requests) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("error: ") and "not" in err.splitlines()[-1] and "Traceback" not in err
+    assert "--base-url" in err.splitlines()[-1]
 
 
 def test_cli_end_to_end(tmp_path):

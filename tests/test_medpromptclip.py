@@ -16,7 +16,7 @@ FAST = ["OPTIM.MAX_EPOCH", "12", "OPTIM.WARMUP_EPOCH", "1", "DATALOADER.TRAIN_X.
 
 def train_args(root, out, backbone, *extra):
     return ["--root", root, "--trainer", "MedPromptCLIP", "--dataset-config-file", DEMO_CFG, "--config-file", B2N,
-            "--output-dir", out, "--seed", "1", "MODEL.BACKBONE.NAME", backbone, *FAST, *extra]
+            "--output-dir", out, "--seed", "1", "MODEL.BACKBONE.NAME", backbone, *FAST, "DEVICE", "cpu", *extra]
 
 
 @pytest.mark.parametrize("backbone", TINY_BACKBONES)

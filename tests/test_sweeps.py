@@ -62,7 +62,7 @@ def test_fewshot_table_and_plot(tmp_path):
 def run_sweep(protocol, target, env, *extra):
     return subprocess.run(["bash", os.path.join(PROJECT_DIR, "scripts", f"{protocol}.sh"), target, *extra],
                           cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, **env))
 
 
 def test_missing_data_stops_before_training(tmp_path):
@@ -78,7 +78,7 @@ def test_missing_data_stops_before_training(tmp_path):
 
 def test_base2new_sweep_runs_then_skips(tmp_path, demo_root):
     env = {"DATA": demo_root, "OUTPUT": str(tmp_path), "BACKBONE": "tiny-clip", "SEEDS": "1 2",
-           "METHODS": "MedPromptCLIP CoOp ZeroShotCLIP", "OPTS": "OPTIM.MAX_EPOCH 1"}
+           "METHODS": "MedPromptCLIP CoOp ZeroShotCLIP", "OPTS": "OPTIM.MAX_EPOCH 1 DEVICE cpu"}
     first = run_sweep("base2new", "demo", env)
     assert first.returncode == 0, first.stderr
     table = first.stdout.split("demo (accuracy %", 1)[1]
@@ -99,3 +99,16 @@ def test_unknown_target_and_method(tmp_path):
     assert proc.returncode == 2 and "unknown dataset or group 'retina'" in proc.stderr
     proc = run_sweep("base2new", "demo", {"OUTPUT": str(tmp_path), "METHODS": "CoOpp"})
     assert proc.returncode == 2 and "unknown method(s) in METHODS: CoOpp" in proc.stderr
+
+
+def test_scripts_run_where_only_python3_exists(tmp_path):
+    """Without $PYTHON the scripts find python3 (many systems have no 'python' command)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HF_HUB_OFFLINE="1", OUTPUT=str(tmp_path / "out"))
+    for protocol in ("base2new", "fewshot", "crossmodal", "zeroshot"):
+        proc = subprocess.run(["bash", os.path.join(PROJECT_DIR, "scripts", f"{protocol}.sh"), "nosuchdataset"],
+                              cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 2 and "unknown dataset or group 'nosuchdataset'" in proc.stderr, proc.stderr

@@ -18,7 +18,7 @@ def build(name, backbone, demo_root, out, *opts):
         "--root", demo_root, "--trainer", name, "--dataset-config-file", DEMO_CFG,
         "--config-file", recipe(name, RECIPES.get(name, "base2new")), "--output-dir", str(out), "--seed", "1",
         "MODEL.BACKBONE.NAME", backbone, "DATASET.NUM_SHOTS", "2", "DATASET.SUBSAMPLE_CLASSES", "base",
-        "DATALOADER.TRAIN_X.BATCH_SIZE", "4", *opts,
+        "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DEVICE", "cpu", *opts,
     ])
     cfg = train.setup_cfg(args)
     return TRAINER_REGISTRY.get(name)(cfg)
@@ -93,7 +93,7 @@ def test_stacking_loads_medpromptclip_prompts(name, demo_root, tmp_path, capsys)
     args = train.build_parser().parse_args([
         "--root", demo_root, "--trainer", name, "--dataset-config-file", DEMO_CFG,
         "--config-file", recipe(name, "stacked"), "--output-dir", str(tmp_path / "stack"), "--init-from", str(source),
-        "DATASET.NUM_SHOTS", "2",
+        "DATASET.NUM_SHOTS", "2", "DEVICE", "cpu",
     ])
     trainer = TRAINER_REGISTRY.get(name)(train.setup_cfg(args))
     text = trainer.prompt_learner if name == "CoOp" else trainer.prompt_learner.text

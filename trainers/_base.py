@@ -89,6 +89,21 @@ class CLIPTrainer(TrainerX):
             return
         super().load_model(directory, epoch)
 
+    def checkpoint_settings(self):
+        settings = super().checkpoint_settings()
+        settings["MODEL.BACKBONE.NAME"] = self.cfg.MODEL.BACKBONE.NAME
+        settings["MODEL.BACKBONE.PRETRAINED"] = self.cfg.MODEL.BACKBONE.PRETRAINED
+        settings.update(self.tensor_settings())
+        return settings
+
+    def tensor_settings(self):
+        """{config key: value} of the settings that shape the learnable tensors.
+
+        Context sizes are the numbers of tokens actually learned: CTX_INIT's word
+        count when it is set, else N_CTX.
+        """
+        return {}
+
     def setup_backbone(self):
         """Move the frozen backbone to the device in the configured precision; build the encoders."""
         model = self.backbone.model

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from core.engine import CHECKPOINT_POINTER, load_checkpoint
+from core.checkpoint import CHECKPOINT_POINTER, load_checkpoint, read_pointer
 from core.errors import UserError
 from core.optim import build_lr_scheduler, build_optimizer
 from core.utils import count_parameters, logger, read_json
@@ -29,14 +29,14 @@ def resolve_ctx_init(value, entry):
 
 def find_prompt_checkpoint(run_dir):
     """Path of the latest prompt checkpoint of a MedPromptCLIP output folder."""
-    pointer = os.path.join(run_dir, "prompt_learner", CHECKPOINT_POINTER)
-    if not os.path.isfile(pointer):
+    path = read_pointer(os.path.join(run_dir, "prompt_learner"))
+    if path is None:
         raise UserError(
-            f"INIT_FROM {run_dir} holds no MedPromptCLIP prompts (expected {pointer}); "
+            f"INIT_FROM {run_dir} holds no MedPromptCLIP prompts (expected "
+            f"{os.path.join(run_dir, 'prompt_learner', CHECKPOINT_POINTER)}); "
             f"give the output folder of a finished MedPromptCLIP training run"
         )
-    with open(pointer, encoding="utf-8") as f:
-        return os.path.join(run_dir, "prompt_learner", f.read().strip())
+    return path
 
 
 class ImagePromptTrainer(CLIPTrainer):
@@ -101,7 +101,7 @@ class ImagePromptTrainer(CLIPTrainer):
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
         self.register_model("prompt_learner", self.prompt_learner, self.optim, self.sched)
         if cfg.MODEL.INIT_WEIGHTS:
-            self._load_state("prompt_learner", load_checkpoint(cfg.MODEL.INIT_WEIGHTS)["state_dict"], cfg.MODEL.INIT_WEIGHTS)
+            self.load_init_weights("prompt_learner", cfg.MODEL.INIT_WEIGHTS)
         self.scaler = self.make_grad_scaler()
 
     def init_text_prompts(self, run_dir):
@@ -120,8 +120,13 @@ class ImagePromptTrainer(CLIPTrainer):
                     f"INIT_FROM {run_dir} was trained with backbone {source_backbone}, this run uses "
                     f"{self.cfg.MODEL.BACKBONE.NAME}; stack on prompts learned with the same backbone"
                 )
-        source = ({k[len("text."):] if k.startswith("text.") else k: v for k, v in original.state_dict.items()}
-                  if original else load_checkpoint(path)["state_dict"])
+        if original:
+            source = {k[len("text."):] if k.startswith("text.") else k: v for k, v in original.state_dict.items()}
+        else:
+            checkpoint = load_checkpoint(path)
+            if checkpoint.get("trainer") not in (None, "MedPromptCLIP"):
+                raise UserError(f"INIT_FROM {run_dir} is a {checkpoint['trainer']} run; give a MedPromptCLIP output folder")
+            source = checkpoint["state_dict"]
         if "ctx" not in source:
             raise UserError(f"{path} holds no MedPromptCLIP context ('ctx'); give a MedPromptCLIP output folder")
         targets = self.text_prompt_targets()

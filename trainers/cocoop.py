@@ -44,6 +44,9 @@ class CoCoOp(ImagePromptTrainer):
             dim = self.text_encoder(self.text_encoder.embed(self.tokens.ids[:1]), self.tokens.ids[:1]).shape[-1]
         return CoCoOpLearner(text, dim)
 
+    def tensor_settings(self):
+        return {"TRAINER.COCOOP.N_CTX": self.prompt_learner.text.n_ctx}
+
     def logits(self, images):
         image_features = self.normalized_image_features(images)  # (B, D)
         bias = self.prompt_learner.meta_net(image_features.to(self.prompt_learner.text.ctx.dtype))  # (B, width)

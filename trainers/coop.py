@@ -31,3 +31,8 @@ class CoOp(ImagePromptTrainer):
         t = self.tcfg
         return self.build_text_prompts(t.N_CTX, class_specific=t.CSC, n_cls=len(self.classnames),
                                        position=t.CLASS_TOKEN_POSITION)
+
+    def tensor_settings(self):
+        text = self.prompt_learner
+        return {"TRAINER.COOP.N_CTX": text.n_ctx, "TRAINER.COOP.CSC": text.class_specific,
+                "TRAINER.COOP.CLASS_TOKEN_POSITION": text.position}

@@ -47,5 +47,10 @@ class IVLP(ImagePromptTrainer):
         text = self.build_text_prompts(t.N_CTX_TEXT, depth=t.PROMPT_DEPTH_TEXT)
         return IVLPLearner(text, t.N_CTX_VISION, t.PROMPT_DEPTH_VISION, self.image_encoder.width)
 
+    def tensor_settings(self):
+        text, t = self.prompt_learner.text, self.tcfg
+        return {"TRAINER.IVLP.N_CTX_TEXT": text.n_ctx, "TRAINER.IVLP.PROMPT_DEPTH_TEXT": text.depth,
+                "TRAINER.IVLP.N_CTX_VISION": t.N_CTX_VISION, "TRAINER.IVLP.PROMPT_DEPTH_VISION": t.PROMPT_DEPTH_VISION}
+
     def vision_prompts(self):
         return list(self.prompt_learner.vision)

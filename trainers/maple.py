@@ -46,5 +46,9 @@ class MaPLe(ImagePromptTrainer):
         self.require_visual_prompts(t.PROMPT_DEPTH, "TRAINER.MAPLE.PROMPT_DEPTH")
         return MaPLeLearner(self.build_text_prompts(t.N_CTX, depth=t.PROMPT_DEPTH), self.image_encoder.width)
 
+    def tensor_settings(self):
+        return {"TRAINER.MAPLE.N_CTX": self.prompt_learner.text.n_ctx,
+                "TRAINER.MAPLE.PROMPT_DEPTH": self.prompt_learner.text.depth}
+
     def vision_prompts(self):
         return self.prompt_learner.vision_prompts()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from core.engine import TRAINER_REGISTRY, load_checkpoint
+from core.engine import TRAINER_REGISTRY
 from core.errors import UserError
 from core.optim import build_lr_scheduler, build_optimizer
 from core.utils import count_parameters, logger
@@ -170,9 +170,12 @@ class MedPromptCLIP(CLIPTrainer):
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
         self.register_model("prompt_learner", self.prompt_learner, self.optim, self.sched)
         if cfg.MODEL.INIT_WEIGHTS:
-            self._load_state("prompt_learner", load_checkpoint(cfg.MODEL.INIT_WEIGHTS)["state_dict"], cfg.MODEL.INIT_WEIGHTS)
-            logger.info(f"initialized prompts from {cfg.MODEL.INIT_WEIGHTS}")
+            self.load_init_weights("prompt_learner", cfg.MODEL.INIT_WEIGHTS)
         self.scaler = self.make_grad_scaler()
+
+    def tensor_settings(self):
+        return {"TRAINER.MEDPROMPTCLIP.N_CTX": self.prompt_learner.n_ctx,
+                "TRAINER.MEDPROMPTCLIP.PROMPT_DEPTH_TEXT": self.prompt_learner.depth}
 
     def tokens_for_rows(self, rows):
         """Prompt tokens for (dataset, classname) rows, each with its dataset's template."""
