@@ -92,12 +92,12 @@ class SplitDataset(DatasetBase):
             )
         split, split_digest = load_split_file(split_path)
         rows = read_split_rows(split_path, entry, split)
+        check_rows_inside(split_path, image_dir, rows)
         others = [r[0] for key in rows for r in rows[key] if not is_image(r[0])]
         if others:
             # Listed by the tool that made the split, but no image can be read from them.
             logger.info(f"{split_path}: {len(others)} listed file(s) are not images (e.g. {others[0]}); left out")
             rows = {key: [r for r in items if is_image(r[0])] for key, items in rows.items()}
-        check_rows_inside(split_path, image_dir, rows)
         listed = [r[0] for key in ("train", "val", "test") for r in rows[key]]
         which = "shipped split" if kind == "shipped" else "split"
         if not os.path.isdir(image_dir):
