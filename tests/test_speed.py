@@ -57,7 +57,7 @@ def test_fewshot_images_are_decoded_once_and_match_reading_each_time(tmp_path, m
     cfg.DATASET.NUM_SHOTS, cfg.DATALOADER.NUM_WORKERS = 1, 0
     reads = []
     real_read = data.read_image
-    monkeypatch.setattr(data, "read_image", lambda p: reads.append(p) or real_read(p))
+    monkeypatch.setattr(data, "read_image", lambda p, source="": reads.append(p) or real_read(p, source))
     test_tfm = data.build_transform(cfg, is_train=False)
     kept = data.DatasetWrapper(items, test_tfm, keep_decoded=(32, "bicubic"))
     assert len(reads) == 3
