@@ -21,7 +21,7 @@ def head_ct(root, split):
     folder = os.path.join(root, "Head_CT")
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
     for i in range(2):
-        draw_image("xray_blob", i, size=16).save(os.path.join(folder, "img", f"{i}.png"))
+        draw_image("tissue_blob", i, size=16).save(os.path.join(folder, "img", f"{i}.png"))
     if split is not None:
         with open(os.path.join(folder, "data_split.json"), "w") as f:
             f.write(split if isinstance(split, str) else json.dumps(split))
