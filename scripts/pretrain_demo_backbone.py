@@ -228,7 +228,7 @@ def zero_shot_accuracy(model, tokenizer, transform, class_texts, images, labels)
 
 
 def evaluate(model, tokenizer, transform):
-    """Zero-shot accuracy on the demo test split: template prompt (all, base, new classes) and descriptions."""
+    """Zero-shot accuracy on the demo test split (all, base, new classes), by template prompt and by descriptions."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, DEMO.dataset_dir)
         generate_demo(folder)
@@ -238,17 +238,15 @@ def evaluate(model, tokenizer, transform):
     classnames = list(DEMO.classnames)
     half = len(classnames) // 2
     templates = [[DEMO.template.format(readable_classname(c))] for c in classnames]
+    descriptions = load_descriptions(DEMO.name, classnames, os.path.join(ROOT, "llm_descriptions"))
     results = {}
     for part, keep in (("all", range(len(classnames))), ("base", range(half)), ("new", range(half, len(classnames)))):
         rows = [i for i, y in enumerate(labels) if y in keep]
-        results[f"template_{part}"] = zero_shot_accuracy(
-            model, tokenizer, transform, [templates[c] for c in keep],
-            [images[i] for i in rows], [labels[i] - keep[0] for i in rows],
-        )
-    results["descriptions_all"] = zero_shot_accuracy(
-        model, tokenizer, transform, load_descriptions(DEMO.name, classnames, os.path.join(ROOT, "llm_descriptions")),
-        images, labels,
-    )
+        for prompts, texts in (("template", templates), ("descriptions", descriptions)):
+            results[f"{prompts}_{part}"] = zero_shot_accuracy(
+                model, tokenizer, transform, [texts[c] for c in keep],
+                [images[i] for i in rows], [labels[i] - keep[0] for i in rows],
+            )
     return results
 
 
