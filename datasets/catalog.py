@@ -169,8 +169,8 @@ DEMO = CatalogEntry(
     name="demo",
     modality="synthetic",
     classnames=(
-        "fundus_spots", "xray_ring", "Q3", "K7", "V9", "tissue_ring",
         "Z5", "J2", "W4", "fundus_ring", "xray_streaks", "tissue_blob",
+        "fundus_spots", "xray_ring", "Q3", "K7", "V9", "tissue_ring",
     ),
     dataset_dir="demo",
     image_subdir="images",

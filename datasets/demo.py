@@ -33,10 +33,10 @@ SPLIT_SIZES = {"train": 40, "val": 8, "test": 30}
 # What each class shows: (imaging style, finding). Code-named classes are spread so that
 # the base half (first six labels) and the new half each hold one per style.
 CLASS_LOOKS = {
-    "fundus_spots": ("fundus", "spots"), "xray_ring": ("xray", "ring"), "Q3": ("tissue", "streaks"),
-    "K7": ("fundus", "blob"), "V9": ("xray", "spots"), "tissue_ring": ("tissue", "ring"),
     "Z5": ("fundus", "streaks"), "J2": ("xray", "blob"), "W4": ("tissue", "spots"),
     "fundus_ring": ("fundus", "ring"), "xray_streaks": ("xray", "streaks"), "tissue_blob": ("tissue", "blob"),
+    "fundus_spots": ("fundus", "spots"), "xray_ring": ("xray", "ring"), "Q3": ("tissue", "streaks"),
+    "K7": ("fundus", "blob"), "V9": ("xray", "spots"), "tissue_ring": ("tissue", "ring"),
 }
 # Visibility of a finding: the opacity it is blended in with, drawn per image.
 VISIBILITY = (0.2, 1.0)

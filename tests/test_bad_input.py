@@ -94,10 +94,10 @@ def test_unknown_dataset_config(tmp_path, demo_root, capsys):
 def test_missing_descriptions_name_the_class_and_file(tmp_path, demo_root, capsys):
     desc = tmp_path / "desc"
     desc.mkdir()
-    (desc / "demo.json").write_text(json.dumps({"fundus_spots": ["bright dots"]}))
+    (desc / "demo.json").write_text(json.dumps({"Z5": ["dark streaks"]}))
     code, err = run_train(*zeroshot_args(demo_root, str(tmp_path / "out"), "TRAINER.ZEROSHOTCLIP.PROMPT", "descriptions",
                                          "DATASET.DESCRIPTIONS_DIR", str(desc)), capsys=capsys)
-    assert code == 2 and "class 'xray_ring' has no descriptions" in err and str(desc / "demo.json") in err
+    assert code == 2 and "class 'J2' has no descriptions" in err and str(desc / "demo.json") in err
 
 
 def test_cli_exit_code_and_single_line(tmp_path):

@@ -132,7 +132,7 @@ def test_base_new_names_follow_labels_when_a_class_has_no_rows(tmp_path, demo_ro
     for subsample in ("base", "new"):
         ds = build(cfg_for(tmp_path, "demo", **{"DATASET.SUBSAMPLE_CLASSES": subsample}))
         assert all(ds.classnames[d.label] == d.classname for d in ds.train_x + ds.test)
-    assert "Q3" in build(cfg_for(tmp_path, "demo", **{"DATASET.SUBSAMPLE_CLASSES": "base"})).classnames
+    assert "W4" in build(cfg_for(tmp_path, "demo", **{"DATASET.SUBSAMPLE_CLASSES": "base"})).classnames
 
 
 def test_fewshot_cache_of_another_split_is_resampled(tmp_path, demo_root):
