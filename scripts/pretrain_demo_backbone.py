@@ -15,7 +15,7 @@ symmetric InfoNCE with a learnable logit scale. The same ``--seed`` and
 ``--threads`` give bit-identical weights, written atomically as safetensors
 that ``open_clip.create_model(arch, pretrained=<file>)`` loads.
 
-    python scripts/pretrain_demo_backbone.py           # about 4 minutes on 2 CPU cores
+    python scripts/pretrain_demo_backbone.py           # 43 minutes on 2 CPU cores shared with ~10 busy processes
     python scripts/pretrain_demo_backbone.py --eval    # also print zero-shot accuracy on the demo test split
 
 The model trains in one torch thread while a second process draws the images:
