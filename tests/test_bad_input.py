@@ -31,8 +31,8 @@ def head_ct(root, split):
 GOOD_ROWS = [["img/0.png", 0, "Normal_brain"], ["img/1.png", 1, "Brain_bleeding"]]
 
 CASES = {
-    "missing root": (lambda r: (os.path.join(r, "nope"), DEMO_CFG.replace("demo", "NCT")), "data root not found"),
-    "missing dataset folder": (lambda r: (r, DEMO_CFG.replace("demo", "NCT")), "dataset folder not found"),
+    "missing root": (lambda r: (os.path.join(r, "nope"), DEMO_CFG.replace("demo.yaml", "NCT.yaml")), "data root not found"),
+    "missing dataset folder": (lambda r: (r, DEMO_CFG.replace("demo.yaml", "NCT.yaml")), "dataset folder not found"),
     "missing split file": (lambda r: (r, head_ct(r, None)), "split file missing"),
     "malformed split": (lambda r: (r, head_ct(r, "{ not json")), "not valid JSON"),
     "bad row": (lambda r: (r, head_ct(r, {"train": [["a.png", "zero", "x"]], "test": []})), "each row must be"),
@@ -103,7 +103,7 @@ def test_missing_descriptions_name_the_class_and_file(tmp_path, demo_root, capsy
 def test_cli_exit_code_and_single_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "train.py", *zeroshot_args(str(tmp_path / "none"), str(tmp_path / "out"),
-                                                                      dataset_cfg=DEMO_CFG.replace("demo", "NCT"))],
+                                                                      dataset_cfg=DEMO_CFG.replace("demo.yaml", "NCT.yaml"))],
                           cwd=PROJECT_DIR, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: data root not found")
