@@ -51,7 +51,7 @@ from trainers._descriptions import load_descriptions  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(BACKBONE_CONFIG_DIR, "demo-clip.json")
 DEFAULT_OUT = os.path.join(BACKBONE_CONFIG_DIR, "demo-clip", "demo-clip.safetensors")
-# The demo dataset draws indices 0..479; pretraining starts far above them, one block of
+# The demo dataset draws indices 0..935; pretraining starts far above them, one block of
 # indices per seed, so pretraining never sees a dataset image.
 FIRST_INDEX = 1_000_000
 SEED_STRIDE = 100_000_000
