@@ -166,14 +166,16 @@ BENCHMARKS = [
 ]
 
 # The synthetic demo: three imaging styles x four visible findings, drawn on
-# first use (datasets/demo.py). Labels are interleaved so that the base half
-# (first six labels) and the new half both span every style and every finding.
+# first use (datasets/demo.py, which also says what each class shows). Labels
+# are interleaved so that the base half (first six labels) and the new half
+# both span every style; each half has three descriptive names and three
+# code-like names that say nothing about the image.
 DEMO = CatalogEntry(
     name="demo",
     modality="synthetic",
     classnames=(
-        "fundus_spots", "xray_ring", "tissue_streaks", "fundus_blob", "xray_spots", "tissue_ring",
-        "fundus_streaks", "xray_blob", "tissue_spots", "fundus_ring", "xray_streaks", "tissue_blob",
+        "Z5", "J2", "W4", "fundus_ring", "xray_streaks", "tissue_blob",
+        "fundus_spots", "xray_ring", "Q3", "K7", "V9", "tissue_ring",
     ),
     dataset_dir="demo",
     image_subdir="images",

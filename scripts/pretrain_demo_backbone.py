@@ -6,14 +6,16 @@ backbone factory (``open_clip.create_model``). Every step draws fresh images
 with the demo's own drawing code, at indices from ``FIRST_INDEX`` on (the demo
 dataset uses the first few hundred), so no pretraining image equals a dataset
 image. Each image is paired with a generated caption that describes what was
-drawn (imaging style, finding, colour) in varied words; the class name phrase
-("fundus spots", "xray ring", ...) appears in only some captions, so a
-description of the class says more than its name. Training is CLIP's:
+drawn (imaging style, finding, colour) in varied words. A descriptive class
+name ("fundus spots", "xray ring", ...) appears in some captions; a code-like
+class name ("K7") in a few, the way a rare syndrome name turns up in few
+figure captions, so the backbone knows such a name only vaguely while the
+words of its descriptions are well known. Training is CLIP's:
 symmetric InfoNCE with a learnable logit scale. The same ``--seed`` and
 ``--threads`` give bit-identical weights, written atomically as safetensors
 that ``open_clip.create_model(arch, pretrained=<file>)`` loads.
 
-    python scripts/pretrain_demo_backbone.py           # about 4 minutes on 2 CPU cores
+    python scripts/pretrain_demo_backbone.py           # 43 minutes on 2 CPU cores shared with ~10 busy processes
     python scripts/pretrain_demo_backbone.py --eval    # also print zero-shot accuracy on the demo test split
 
 The model trains in one torch thread while a second process draws the images:
@@ -43,20 +45,21 @@ from torchvision import transforms as T  # noqa: E402
 
 from core.utils import atomic_open, read_json  # noqa: E402
 from datasets.catalog import DEMO, readable_classname  # noqa: E402
-from datasets.demo import _BASES, IMAGE_SIZE, draw_image, generate_demo  # noqa: E402
+from datasets.demo import CLASS_LOOKS, IMAGE_SIZE, draw_background, draw_image, generate_demo  # noqa: E402
 from trainers._backbones import BACKBONE_CONFIG_DIR, _build_from_config  # noqa: E402
 from trainers._descriptions import load_descriptions  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(BACKBONE_CONFIG_DIR, "demo-clip.json")
 DEFAULT_OUT = os.path.join(BACKBONE_CONFIG_DIR, "demo-clip", "demo-clip.safetensors")
-# The demo dataset draws indices 0..479; pretraining starts far above them, one block of
+# The demo dataset draws indices 0..935; pretraining starts far above them, one block of
 # indices per seed, so pretraining never sees a dataset image.
 FIRST_INDEX = 1_000_000
 SEED_STRIDE = 100_000_000
 # Fraction of images drawn without any finding, captioned as such.
 NO_FINDING_RATE = 0.1
-# Fraction of captions that carry the class name phrase, e.g. "fundus spots".
+# Fraction of captions that carry the class name: a descriptive one ("fundus spots"), a code ("K7").
 CLASS_NAME_RATE = 0.3
+CODE_NAME_RATE = 0.03
 # Fractions of captions that name the finding's colour, the background, and the imaging style:
 # captions, like real ones, leave things out.
 COLOUR_RATE = 0.75
@@ -122,8 +125,13 @@ def finding_phrase(rng, style, finding):
     return " ".join(words)
 
 
-def make_caption(rng, style, finding):
-    """A caption of an image of ``style`` showing ``finding`` (None: no finding)."""
+def is_code_name(classname):
+    """A demo class name that says nothing about the image (e.g. 'K7')."""
+    return classname != "_".join(CLASS_LOOKS[classname])
+
+
+def make_caption(rng, style, finding, classname=None):
+    """A caption of an image of ``style`` showing ``finding`` (None: no finding) of class ``classname``."""
     style_words = rng.choice(STYLE_WORDS[style])
     if finding is None:
         return rng.choice(NO_FINDING_WORDS).format(style=style_words) + "."
@@ -135,8 +143,8 @@ def make_caption(rng, style, finding):
         ])
     else:
         caption = phrase + "."
-    if rng.random() < CLASS_NAME_RATE:
-        name = readable_classname(f"{style}_{finding}")
+    if rng.random() < (CODE_NAME_RATE if is_code_name(classname) else CLASS_NAME_RATE):
+        name = readable_classname(classname)
         caption = rng.choice(CLASS_NAME_FRAMES).format(name=name, caption=caption.rstrip("."))
         caption = caption if caption.endswith(".") else caption + "."
     return caption
@@ -144,13 +152,14 @@ def make_caption(rng, style, finding):
 
 def draw_pair(rng, seed, number):
     """Image ``number`` of the pretraining stream and its caption."""
-    style = rng.choice(STYLES)
     index = FIRST_INDEX + seed * SEED_STRIDE + number
     if rng.random() < NO_FINDING_RATE:
-        image, _, _ = _BASES[style](np.random.default_rng([seed, number]), IMAGE_SIZE)
+        style = rng.choice(STYLES)
+        image = draw_background(style, np.random.default_rng([seed, number]), IMAGE_SIZE)
         return image, make_caption(rng, style, None)
-    finding = rng.choice(FINDINGS)
-    return draw_image(f"{style}_{finding}", index), make_caption(rng, style, finding)
+    classname = rng.choice(sorted(CLASS_LOOKS))
+    style, finding = CLASS_LOOKS[classname]
+    return draw_image(classname, index), make_caption(rng, style, finding, classname)
 
 
 def image_transform(model):
@@ -219,7 +228,7 @@ def zero_shot_accuracy(model, tokenizer, transform, class_texts, images, labels)
 
 
 def evaluate(model, tokenizer, transform):
-    """Zero-shot accuracy on the demo test split: template prompt (all, base, new classes) and descriptions."""
+    """Zero-shot accuracy on the demo test split (all, base, new classes), by template prompt and by descriptions."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, DEMO.dataset_dir)
         generate_demo(folder)
@@ -229,17 +238,15 @@ def evaluate(model, tokenizer, transform):
     classnames = list(DEMO.classnames)
     half = len(classnames) // 2
     templates = [[DEMO.template.format(readable_classname(c))] for c in classnames]
+    descriptions = load_descriptions(DEMO.name, classnames, os.path.join(ROOT, "llm_descriptions"))
     results = {}
     for part, keep in (("all", range(len(classnames))), ("base", range(half)), ("new", range(half, len(classnames)))):
         rows = [i for i, y in enumerate(labels) if y in keep]
-        results[f"template_{part}"] = zero_shot_accuracy(
-            model, tokenizer, transform, [templates[c] for c in keep],
-            [images[i] for i in rows], [labels[i] - keep[0] for i in rows],
-        )
-    results["descriptions_all"] = zero_shot_accuracy(
-        model, tokenizer, transform, load_descriptions(DEMO.name, classnames, os.path.join(ROOT, "llm_descriptions")),
-        images, labels,
-    )
+        for prompts, texts in (("template", templates), ("descriptions", descriptions)):
+            results[f"{prompts}_{part}"] = zero_shot_accuracy(
+                model, tokenizer, transform, [texts[c] for c in keep],
+                [images[i] for i in rows], [labels[i] - keep[0] for i in rows],
+            )
     return results
 
 

@@ -21,7 +21,7 @@ def head_ct(root, split):
     folder = os.path.join(root, "Head_CT")
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
     for i in range(2):
-        draw_image("xray_blob", i, size=16).save(os.path.join(folder, "img", f"{i}.png"))
+        draw_image("tissue_blob", i, size=16).save(os.path.join(folder, "img", f"{i}.png"))
     if split is not None:
         with open(os.path.join(folder, "data_split.json"), "w") as f:
             f.write(split if isinstance(split, str) else json.dumps(split))
@@ -31,9 +31,9 @@ def head_ct(root, split):
 GOOD_ROWS = [["img/0.png", 0, "Normal_brain"], ["img/1.png", 1, "Brain_bleeding"]]
 
 CASES = {
-    "missing root": (lambda r: (os.path.join(r, "nope"), DEMO_CFG.replace("demo", "NCT")), "data root not found"),
-    "missing dataset folder": (lambda r: (r, DEMO_CFG.replace("demo", "NCT")), "NCT/<class>/, and run python -m datasets.make_split"),
-    "shipped split, image folder missing": (lambda r: (r, DEMO_CFG.replace("demo", "ODIR")),
+    "missing root": (lambda r: (os.path.join(r, "nope"), DEMO_CFG.replace("demo.yaml", "NCT.yaml")), "data root not found"),
+    "missing dataset folder": (lambda r: (r, DEMO_CFG.replace("demo.yaml", "NCT.yaml")), "NCT/<class>/, and run python -m datasets.make_split"),
+    "shipped split, image folder missing": (lambda r: (r, DEMO_CFG.replace("demo.yaml", "ODIR.yaml")),
                                             os.path.join("datasets", "splits", "ODIR.json.gz") + " lists them under "),
     "shipped split, images missing": (lambda r: (r, head_ct(r, None)), "image file missing"),
     "malformed split": (lambda r: (r, head_ct(r, "{ not json")), "not valid JSON"),
@@ -96,16 +96,16 @@ def test_unknown_dataset_config(tmp_path, demo_root, capsys):
 def test_missing_descriptions_name_the_class_and_file(tmp_path, demo_root, capsys):
     desc = tmp_path / "desc"
     desc.mkdir()
-    (desc / "demo.json").write_text(json.dumps({"fundus_spots": ["bright dots"]}))
+    (desc / "demo.json").write_text(json.dumps({"Z5": ["dark streaks"]}))
     code, err = run_train(*zeroshot_args(demo_root, str(tmp_path / "out"), "TRAINER.ZEROSHOTCLIP.PROMPT", "descriptions",
                                          "DATASET.DESCRIPTIONS_DIR", str(desc)), capsys=capsys)
-    assert code == 2 and "class 'xray_ring' has no descriptions" in err and str(desc / "demo.json") in err
+    assert code == 2 and "class 'J2' has no descriptions" in err and str(desc / "demo.json") in err
 
 
 def test_cli_exit_code_and_single_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "train.py", *zeroshot_args(str(tmp_path / "none"), str(tmp_path / "out"),
-                                                                      dataset_cfg=DEMO_CFG.replace("demo", "NCT"))],
+                                                                      dataset_cfg=DEMO_CFG.replace("demo.yaml", "NCT.yaml"))],
                           cwd=PROJECT_DIR, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: data root not found")

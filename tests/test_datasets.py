@@ -12,7 +12,7 @@ from core.config import get_cfg_default
 from core.data import DATASET_REGISTRY
 from core.errors import UserError
 from datasets.catalog import BENCHMARKS, CATALOG, DEMO, GROUPS, resolve_target
-from datasets.demo import draw_image, generate_demo
+from datasets.demo import CLASS_LOOKS, SPLIT_SIZES, draw_image, generate_demo
 from datasets.make_split import make_split
 
 
@@ -41,9 +41,15 @@ def test_catalog_cli_lists_everything(tmp_path):
 
 
 def test_demo_is_deterministic_and_has_styles_and_findings(tmp_path):
-    assert len(DEMO.classnames) == 12
-    styles = {c.split("_")[0] for c in DEMO.classnames}
-    assert styles == {"fundus", "xray", "tissue"}
+    assert len(DEMO.classnames) == 12 and list(CLASS_LOOKS) == list(DEMO.classnames)
+    # Every style shows every finding once; each half has one code-named class per style.
+    assert sorted(CLASS_LOOKS.values()) == sorted((s, f) for s in ("fundus", "xray", "tissue")
+                                                  for f in ("spots", "ring", "streaks", "blob"))
+    for half in (DEMO.classnames[:6], DEMO.classnames[6:]):
+        coded = [c for c in half if c != "_".join(CLASS_LOOKS[c])]
+        assert sorted(CLASS_LOOKS[c][0] for c in coded) == ["fundus", "tissue", "xray"]
+    # More training images per class than 16 shots, so the few-shot subset depends on the seed.
+    assert SPLIT_SIZES["train"] > 16
     assert draw_image("fundus_spots", 3).tobytes() == draw_image("fundus_spots", 3).tobytes()
     assert draw_image("fundus_spots", 3).tobytes() != draw_image("fundus_ring", 3).tobytes()
     a, b = tmp_path / "a" / "demo", tmp_path / "b" / "demo"
@@ -89,7 +95,7 @@ def write_tree(root, dataset, counts):
     for cls, n in counts.items():
         (image_dir / cls).mkdir(parents=True)
         for i in range(n):
-            draw_image("xray_spots", i, size=16).save(image_dir / cls / f"{i}.png")
+            draw_image("xray_ring", i, size=16).save(image_dir / cls / f"{i}.png")
     return image_dir
 
 
@@ -126,7 +132,7 @@ def test_base_new_names_follow_labels_when_a_class_has_no_rows(tmp_path, demo_ro
     for subsample in ("base", "new"):
         ds = build(cfg_for(tmp_path, "demo", **{"DATASET.SUBSAMPLE_CLASSES": subsample}))
         assert all(ds.classnames[d.label] == d.classname for d in ds.train_x + ds.test)
-    assert "tissue_streaks" in build(cfg_for(tmp_path, "demo", **{"DATASET.SUBSAMPLE_CLASSES": "base"})).classnames
+    assert "W4" in build(cfg_for(tmp_path, "demo", **{"DATASET.SUBSAMPLE_CLASSES": "base"})).classnames
 
 
 def test_fewshot_cache_of_another_split_is_resampled(tmp_path, demo_root):

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DEMO_CFG, PROJECT_DIR, read_results, recipe, run_train
-from datasets.catalog import DEMO
+from datasets.catalog import DEMO, readable_classname
+from datasets.demo import CLASS_LOOKS, SPLIT_SIZES
 from trainers._backbones import load_backbone
 from trainers._descriptions import load_descriptions
 
@@ -25,18 +26,26 @@ def test_demo_clip_zero_shot_beats_chance(tmp_path, demo_root, capsys):
     assert code == 0, err
     results = read_results(out)
     chance = 100.0 / DEMO.num_classes
-    assert results["num_samples"] == DEMO.num_classes * 15
+    assert results["num_samples"] == DEMO.num_classes * SPLIT_SIZES["test"]
     assert results["accuracy"] >= 2 * chance, results["accuracy"]
 
 
 def test_captions_name_the_class_only_sometimes_in_known_words():
     rng = random.Random(0)
+    for classname, (style, finding) in CLASS_LOOKS.items():
+        captions = [pretrain.make_caption(rng, style, finding, classname) for _ in range(1000)]
+        named = sum(readable_classname(classname) in caption for caption in captions) / len(captions)
+        # Descriptive names turn up often; code names rarely, so only descriptions say what a code shows.
+        low, high = (0.01, 0.06) if pretrain.is_code_name(classname) else (0.2, 0.4)
+        assert low < named < high, (classname, named)
     captions = [pretrain.draw_pair(rng, 0, n)[1] for n in range(2000)]
-    named = sum(any(c.replace("_", " ") in caption for c in DEMO.classnames) for caption in captions)
-    assert 0.15 < named / len(captions) < 0.45
     descriptions = [d for texts in load_descriptions(DEMO.name, DEMO.classnames, "llm_descriptions") for d in texts]
     tokenizer = load_backbone("demo-clip").tokenizer.tokenizer
     assert not [t for t in captions + descriptions if tokenizer.unk_token in tokenizer.tokenize(t)]
+    # Descriptions of a code-named class describe the image, never give the code.
+    for classname, texts in zip(DEMO.classnames, load_descriptions(DEMO.name, DEMO.classnames, "llm_descriptions")):
+        if pretrain.is_code_name(classname):
+            assert not any(classname.lower() in t.lower() for t in texts), classname
 
 
 def test_pretraining_writes_loadable_deterministic_weights(tmp_path, capsys):
