@@ -99,3 +99,17 @@ def test_unknown_target_and_method(tmp_path):
     assert proc.returncode == 2 and "unknown dataset or group 'retina'" in proc.stderr
     proc = run_sweep("base2new", "demo", {"OUTPUT": str(tmp_path), "METHODS": "CoOpp"})
     assert proc.returncode == 2 and "unknown method(s) in METHODS: CoOpp" in proc.stderr
+
+
+def test_fewshot_sweep_stacks_the_papers_ivlp_setting_on_a_reshaped_source(tmp_path, demo_root):
+    env = {"DATA": demo_root, "OUTPUT": str(tmp_path), "BACKBONE": "tiny-clip", "SEEDS": "1", "SHOTS": "1",
+           "OPTS": "OPTIM.MAX_EPOCH 1"}
+    proc = run_sweep("fewshot", "demo", env)
+    assert proc.returncode == 0, proc.stderr
+    runs = tmp_path / "fewshot" / "tiny-clip" / "demo"
+    stacked = json.loads((runs / "IVLP+MedPromptCLIP" / "shots1" / "seed1" / "results.json").read_text())
+    source = runs / "MedPromptCLIP-source" / "seed1"
+    assert stacked["init_from"]["checkpoint"].startswith(str(source))
+    assert stacked["config"]["TRAINER"]["IVLP"]["N_CTX_TEXT"] == 4
+    assert json.loads((source / "results.json").read_text())["config"]["TRAINER"]["MEDPROMPTCLIP"]["N_CTX"] == 4
+    assert "IVLP+MedPromptCLIP" in proc.stdout and "MedPromptCLIP-source" not in proc.stdout.split("accuracy %", 1)[1]
