@@ -194,8 +194,14 @@ def _check_value_type(key, value, default):
         raise UserError(f"config key {key} takes true/false, not {value!r}")
 
 
-def merge_from_file(cfg, path):
-    """Merge a YAML file, naming the file and key in any error."""
+# Recipe-file keys read by merge_from_file itself (not config keys):
+# _BASE_: a recipe file (relative to this one) merged first; this file's keys then override it.
+# _PER_DATASET_: {dataset name: {DOTTED.KEY: value}}: the row of DATASET.NAME (set by the dataset
+# YAML, merged before the recipe) is merged after this file's own keys; other datasets keep them.
+RECIPE_KEYS = ("_BASE_", "_PER_DATASET_")
+
+
+def _read_yaml(path):
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:
@@ -205,13 +211,61 @@ def merge_from_file(cfg, path):
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise UserError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
+    return loaded
+
+
+def _merge_mapping(cfg, mapping, where):
     try:
-        cfg.merge_from_other_cfg(CN(loaded))
+        cfg.merge_from_other_cfg(CN(mapping))
     except KeyError as e:
         key = str(e).strip("'\"")
-        raise UserError(f"config file {path}: {key} (check the spelling against core/config.py and the trainer's extend_cfg)") from None
+        raise UserError(f"{where}: {key} (check the spelling against core/config.py and the trainer's extend_cfg)") from None
     except ValueError as e:
-        raise UserError(f"config file {path}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
+
+
+def _nested(row, where):
+    """{"OPTIM.LR": 0.1} -> {"OPTIM": {"LR": 0.1}}."""
+    nested = {}
+    for key, value in row.items():
+        node = nested
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{where}: {key} repeats a key")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge_from_file(cfg, path, _chain=()):
+    """Merge a YAML recipe, naming the file and key in any error.
+
+    Follows ``_BASE_`` (merged first) and applies the ``_PER_DATASET_`` row of
+    cfg.DATASET.NAME after the file's own keys.
+    """
+    loaded = _read_yaml(path)
+    base = loaded.pop("_BASE_", None)
+    table = loaded.pop("_PER_DATASET_", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise UserError(f"config file {path}: _BASE_ must be a file name, not {base!r}")
+        base_path = os.path.join(os.path.dirname(path), base)
+        if os.path.abspath(base_path) in _chain or os.path.abspath(base_path) == os.path.abspath(path):
+            raise UserError(f"config file {path}: _BASE_ {base} includes itself")
+        merge_from_file(cfg, base_path, _chain + (os.path.abspath(path),))
+    _merge_mapping(cfg, loaded, f"config file {path}")
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise UserError(f"config file {path}: _PER_DATASET_ must map dataset names to keys")
+    row = table.get(cfg.DATASET.NAME)
+    if row is None:
+        return
+    where = f"config file {path}, _PER_DATASET_ {cfg.DATASET.NAME}"
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: must map DOTTED.KEYS to values")
+    _merge_mapping(cfg, _nested(row, where), where)
 
 
 def merge_from_list(cfg, opts):

@@ -32,11 +32,8 @@ sys.path.insert(0, os.path.join(PROJECT_DIR, "scripts"))
 from core.errors import UserError  # noqa: E402
 
 TEXT_ONLY = {"MedPromptCLIP", "ZeroShotCLIP"}
-# Recipe per method and protocol (configs/trainers/<method>/<recipe>.yaml).
-RECIPES = {
-    "base2new": {"MedPromptCLIP": "base2new", "ZeroShotCLIP": "template"},
-    "fewshot": {"MedPromptCLIP": "specific_modal", "ZeroShotCLIP": "template"},
-}
+# The method of the few-shot rows started from MedPromptCLIP prompts: the paper's few-shot setting.
+STACKED = "IVLP"
 MIN_CLASSES_BASE2NEW = 4
 
 
@@ -134,13 +131,20 @@ class Runner:
         print(f"{prefix}: {time.time() - start:.0f}s", flush=True)
 
 
-def common(settings, dataset, trainer, recipe, seed):
+def dataset_config(dataset):
     from datasets.declared import dataset_config_file
+
+    return dataset_config_file(dataset)
+
+
+def common(settings, dataset, trainer, recipe, seed, shots=None):
+    """Arguments every run shares; ``recipe`` is a protocol or recipe name (trainers/recipes.py picks the file)."""
+    from trainers.recipes import recipe_file
 
     return [
         "--root", settings.data, "--trainer", trainer, "--seed", str(seed),
-        "--dataset-config-file", dataset_config_file(dataset),
-        "--config-file", os.path.join(PROJECT_DIR, "configs", "trainers", trainer, f"{recipe}.yaml"),
+        "--dataset-config-file", dataset_config(dataset),
+        "--config-file", recipe_file(trainer, recipe, dataset, shots),
     ]
 
 
@@ -159,7 +163,7 @@ def base2new(settings):
     run = Runner(settings, 2 * len(kept) * len(settings.methods) * len(settings.seeds))
     for dataset in kept:
         for method in settings.methods:
-            recipe = RECIPES["base2new"].get(method, "base2new")
+            recipe = "base2new"
             for seed in settings.seeds:
                 base_dir = os.path.join(root, dataset, method, f"seed{seed}", "base")
                 new_dir = os.path.join(root, dataset, method, f"seed{seed}", "new")
@@ -184,8 +188,18 @@ def medprompt_run(settings, run, root, dataset, seed):
     """A MedPromptCLIP specific-modal run (all classes): the 0-shot line and the prompts that stacking starts from."""
     out = os.path.join(root, dataset, "MedPromptCLIP", "shots0", f"seed{seed}")
     run(f"MedPromptCLIP {dataset} seed {seed}", out,
-        common(settings, dataset, "MedPromptCLIP", RECIPES["fewshot"]["MedPromptCLIP"], seed))
+        common(settings, dataset, "MedPromptCLIP", "fewshot", seed))
     return out
+
+
+def stacking_overrides(settings, dataset):
+    """Overrides giving the MedPromptCLIP run the stacked recipe's text prompt shape ([] if it has it)."""
+    from trainers.recipes import recipe_file, resolve, source_overrides
+
+    ds = dataset_config(dataset)
+    source = resolve("MedPromptCLIP", recipe_file("MedPromptCLIP", "fewshot", dataset), ds, settings.opts)
+    target = resolve(STACKED, recipe_file(STACKED, "stacked", dataset), ds, settings.opts)
+    return source_overrides(source, STACKED, target)
 
 
 def fewshot(settings):
@@ -193,22 +207,31 @@ def fewshot(settings):
     preflight(settings, names)
     root = os.path.join(settings.output, "fewshot", settings.backbone.replace("/", "-"))
     methods = ["CoOp", "MaPLe"]
-    per_dataset = len(settings.seeds) * (2 + 2 * len(methods) * len(settings.shots))
-    run = Runner(settings, len(names) * per_dataset)
+    reshape = {dataset: stacking_overrides(settings, dataset) for dataset in names}
+    per_dataset = len(settings.seeds) * (2 + (len(methods) + 1) * len(settings.shots))
+    run = Runner(settings, len(names) * per_dataset + len(settings.seeds) * sum(1 for d in names if reshape[d]))
     for dataset in names:
         for seed in settings.seeds:
             run(f"ZeroShotCLIP {dataset} seed {seed}", os.path.join(root, dataset, "ZeroShotCLIP", "shots0", f"seed{seed}"),
                 [*common(settings, dataset, "ZeroShotCLIP", "template", seed), "--eval-only"])
             source = medprompt_run(settings, run, root, dataset, seed)
+            if reshape[dataset]:
+                # The 0-shot run's prompts do not fit the stacked recipe: the rows start from a MedPromptCLIP
+                # run of the same recipe with the stacked recipe's text context (not evaluated, not a row).
+                source = os.path.join(root, dataset, "MedPromptCLIP-source", f"seed{seed}")
+                run(f"MedPromptCLIP {dataset} seed {seed} ({' '.join(reshape[dataset])})", source,
+                    [*common(settings, dataset, "MedPromptCLIP", "fewshot", seed), "TEST.NO_TEST", "True",
+                     *reshape[dataset]])
             for method in methods:
                 for shots in settings.shots:
-                    args = [*common(settings, dataset, method, "fewshot", seed), "DATASET.NUM_SHOTS", str(shots)]
+                    args = [*common(settings, dataset, method, "fewshot", seed, shots), "DATASET.NUM_SHOTS", str(shots)]
                     run(f"{method} {dataset} {shots}-shot seed {seed}",
                         os.path.join(root, dataset, method, f"shots{shots}", f"seed{seed}"), args)
-                    stacked = [*common(settings, dataset, method, "stacked", seed), "--init-from", source,
-                               "DATASET.NUM_SHOTS", str(shots)]
-                    run(f"{method}+MedPromptCLIP {dataset} {shots}-shot seed {seed}",
-                        os.path.join(root, dataset, f"{method}+MedPromptCLIP", f"shots{shots}", f"seed{seed}"), stacked)
+            for shots in settings.shots:
+                stacked = [*common(settings, dataset, STACKED, "stacked", seed), "--init-from", source,
+                           "DATASET.NUM_SHOTS", str(shots)]
+                run(f"{STACKED}+MedPromptCLIP {dataset} {shots}-shot seed {seed}",
+                    os.path.join(root, dataset, f"{STACKED}+MedPromptCLIP", f"shots{shots}", f"seed{seed}"), stacked)
     import aggregate
 
     aggregate.report("fewshot", root)

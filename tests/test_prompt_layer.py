@@ -32,14 +32,19 @@ def test_image_encoder_reproduces_encode_image(backbones, name):
 
 
 @pytest.mark.parametrize("name", TINY_BACKBONES)
-def test_template_initialized_context_adds_nothing(backbones, name):
-    """Depth 1, zero steps, context from the template's own words: features equal the plain template's."""
+@pytest.mark.parametrize("n_ctx, keep", [(None, False), (2, True)])
+def test_template_initialized_context_adds_nothing(backbones, name, n_ctx, keep):
+    """Depth 1, zero steps, context from the template's own words (all of them, or the first two with
+    the rest kept as fixed text): ids and features equal the plain template's."""
     bb = backbones(name)
     te, tok = TextEncoder(bb.model), PromptTokenizer(bb.tokenizer, bb.context_length)
-    learner = PromptLearner(te, tok, ctx_init="a fundus image of", depth=1)
-    assert learner.n_ctx == len(tok.encode("a fundus image of"))
+    n = len(tok.encode("a fundus image of")) if n_ctx is None else n_ctx
+    learner = PromptLearner(te, tok, n_ctx=n, ctx_init="a fundus image of", depth=1, keep_init_words=keep)
+    assert learner.n_ctx == n
     tokens = learner.tokens_for(["glaucoma", "age-related_macular_degeneration"], "a fundus image of {}.")
     assert tokens.texts == ["a fundus image of glaucoma.", "a fundus image of age-related macular degeneration."]
+    assert torch.equal(tokens.ids, tok(tokens.texts))
+    assert tokens.ctx_mask.sum(dim=1).tolist() == [n, n]
     with torch.no_grad():
         prompted = learner(te, tokens)
         plain = bb.model.encode_text(tok(tokens.texts))

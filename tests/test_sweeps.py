@@ -112,3 +112,17 @@ def test_scripts_run_where_only_python3_exists(tmp_path):
         proc = subprocess.run(["bash", os.path.join(PROJECT_DIR, "scripts", f"{protocol}.sh"), "nosuchdataset"],
                               cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode == 2 and "unknown dataset or group 'nosuchdataset'" in proc.stderr, proc.stderr
+
+
+def test_fewshot_sweep_stacks_the_papers_ivlp_setting_on_a_reshaped_source(tmp_path, demo_root):
+    env = {"DATA": demo_root, "OUTPUT": str(tmp_path), "BACKBONE": "tiny-clip", "SEEDS": "1", "SHOTS": "1",
+           "OPTS": "OPTIM.MAX_EPOCH 1"}
+    proc = run_sweep("fewshot", "demo", env)
+    assert proc.returncode == 0, proc.stderr
+    runs = tmp_path / "fewshot" / "tiny-clip" / "demo"
+    stacked = json.loads((runs / "IVLP+MedPromptCLIP" / "shots1" / "seed1" / "results.json").read_text())
+    source = runs / "MedPromptCLIP-source" / "seed1"
+    assert stacked["init_from"]["checkpoint"].startswith(str(source))
+    assert stacked["config"]["TRAINER"]["IVLP"]["N_CTX_TEXT"] == 4
+    assert json.loads((source / "results.json").read_text())["config"]["TRAINER"]["MEDPROMPTCLIP"]["N_CTX"] == 4
+    assert "IVLP+MedPromptCLIP" in proc.stdout and "MedPromptCLIP-source" not in proc.stdout.split("accuracy %", 1)[1]

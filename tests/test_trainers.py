@@ -82,10 +82,16 @@ def test_trainer_step_changes_only_its_prompts(name, backbone, demo_root, tmp_pa
 
 @pytest.mark.parametrize("name", ["CoOp", "IVLP", "MaPLe"])
 def test_stacking_loads_medpromptclip_prompts(name, demo_root, tmp_path, capsys):
+    from trainers.recipes import resolve, source_overrides
+
+    # The source gets the stacked recipe's text prompt shape, as the few-shot sweep gives it.
+    reshape = source_overrides(resolve("MedPromptCLIP", recipe("MedPromptCLIP", "base2new"), DEMO_CFG), name,
+                               resolve(name, recipe(name, "stacked"), DEMO_CFG))
+    assert bool(reshape) == (name == "IVLP")  # IVLP's paper setting has 4 text tokens, the others 6
     source = tmp_path / "medprompt"
     code, err = run_train("--root", demo_root, "--trainer", "MedPromptCLIP", "--dataset-config-file", DEMO_CFG,
                           "--config-file", recipe("MedPromptCLIP", "base2new"), "--output-dir", source, "--seed", "1",
-                          "OPTIM.MAX_EPOCH", "2", "TEST.NO_TEST", "True", capsys=capsys)
+                          "OPTIM.MAX_EPOCH", "2", "TEST.NO_TEST", "True", *reshape, capsys=capsys)
     assert code == 0, err
     saved = torch.load(source / "prompt_learner" / "model.pth.tar-2", weights_only=False)["state_dict"]
     import train

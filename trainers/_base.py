@@ -99,8 +99,8 @@ class CLIPTrainer(TrainerX):
     def tensor_settings(self):
         """{config key: value} of the settings that shape the learnable tensors.
 
-        Context sizes are the numbers of tokens actually learned: CTX_INIT's word
-        count when it is set, else N_CTX.
+        Context sizes are the numbers of tokens actually learned, which CTX_INIT
+        can decide (CoOp learns as many tokens as its init words have).
         """
         return {}
 

@@ -55,10 +55,18 @@ class ImagePromptTrainer(CLIPTrainer):
         image_features = self.normalized_image_features(images, self.vision_prompts())
         return self.logit_scale * image_features @ self.class_text_features().t()
 
-    def build_text_prompts(self, n_ctx, depth=1, **kwargs):
-        """The method's PromptLearner (context from TRAINER.<NAME>.CTX_INIT); sets the class tokens."""
+    def build_text_prompts(self, n_ctx, depth=1, n_ctx_from_words=False, **kwargs):
+        """The method's PromptLearner (context from TRAINER.<NAME>.CTX_INIT); sets the class tokens.
+
+        The prompt is "{init words} {class}." with the first n_ctx tokens learnable, as the
+        original trainers build it; ``n_ctx_from_words``: with init words, n_ctx is their
+        word count (CoOp and CoCoOp count words, not tokens).
+        """
+        ctx_init = resolve_ctx_init(self.tcfg.CTX_INIT, self.dataset_entry)
+        if n_ctx_from_words and ctx_init.strip():
+            n_ctx = len(ctx_init.replace("_", " ").split())
         text = PromptLearner(self.text_encoder, self.prompt_tokenizer, n_ctx=n_ctx, depth=depth,
-                             ctx_init=resolve_ctx_init(self.tcfg.CTX_INIT, self.dataset_entry), **kwargs)
+                             ctx_init=ctx_init, keep_init_words=True, **kwargs)
         self.tokens = text.tokens_for(self.classnames, self.dataset_entry.template).to(self.device)
         return text
 

@@ -41,6 +41,18 @@ def place(x, mask, values):
 # --------------------------------------------------------------------------- tokens
 
 
+@dataclass(frozen=True)
+class TokenRun:
+    """Token ids placed as they are; ``context`` marks them as context slots.
+
+    A context run shows the ids of the words its vectors were initialized from,
+    so the token ids equal the tokenized prompt text, as in CoOp and MaPLe.
+    """
+
+    ids: tuple
+    context: bool = False
+
+
 @dataclass
 class PromptTokens:
     """Token ids (n, L), context mask (n, L) and the text each row stands for."""
@@ -105,10 +117,14 @@ class PromptTokenizer:
         return len(self.encode(text))
 
     def assemble(self, pieces, text=None):
-        """Ids and context mask for pieces: strings are tokenized, ints are that many context slots."""
+        """Ids and context mask for pieces: strings are tokenized, ints are that many context slots,
+        TokenRuns are placed as they are."""
         ids, mask = [self.start_id], [False]
         for piece in pieces:
-            if isinstance(piece, int):
+            if isinstance(piece, TokenRun):
+                ids += list(piece.ids)
+                mask += [piece.context] * len(piece.ids)
+            elif isinstance(piece, int):
                 ids += [self.placeholder_id] * piece  # replaced by context vectors
                 mask += [True] * piece
             elif piece:
@@ -389,10 +405,17 @@ class PromptLearner(nn.Module):
 
     ctx: (n_ctx, width), or (n_cls, n_ctx, width) when class-specific.
     deep_ctx: depth-1 tensors (n_ctx, width) for text layers 2..depth.
+
+    With ``ctx_init`` words the context is the first ``n_ctx`` tokens of those
+    words, initialized from their embeddings; if ``n_ctx`` exceeds the words'
+    token count the context is random instead (logged). ``keep_init_words``
+    chooses what follows the context: the rest of the init words as fixed text
+    ("a photo of a glaucoma." with "a photo" learnable: CoOp, CoCoOp, IVLP,
+    MaPLe), or nothing ("[ctx] glaucoma.": MedPromptCLIP).
     """
 
     def __init__(self, text_encoder, tokenizer, n_ctx=4, ctx_init="", depth=1, class_specific=False,
-                 n_cls=0, position="end", init_std=0.02):
+                 n_cls=0, position="end", init_std=0.02, keep_init_words=False):
         super().__init__()
         if position not in ("end", "middle", "front"):
             raise UserError(f"class token position must be end, middle or front, not '{position}'")
@@ -403,27 +426,33 @@ class PromptLearner(nn.Module):
                 f"text prompt depth {depth} exceeds the {text_encoder.num_layers} layers of the text encoder; "
                 f"lower PROMPT_DEPTH_TEXT"
             )
+        if n_ctx < 1:
+            raise UserError(f"the number of context tokens must be >= 1, not {n_ctx}")
         self.tokenizer = tokenizer
         self.position = position
         width = text_encoder.width
         ctx_init = " ".join(ctx_init.replace("_", " ").split())
+        init_ids = tokenizer.encode(ctx_init) if ctx_init else []
+        if ctx_init and n_ctx > len(init_ids):
+            logger.info(
+                f"{n_ctx} context tokens but '{ctx_init}' has {len(init_ids)}: the context is initialized randomly"
+            )
+            ctx_init, init_ids = "", []
         if ctx_init:
-            init_ids = tokenizer.encode(ctx_init)
-            if n_ctx != len(init_ids):
-                logger.info(f"context of {len(init_ids)} tokens from '{ctx_init}' (the token count of the init words)")
-            n_ctx = len(init_ids)
             device = next(text_encoder.parameters()).device
             with torch.no_grad():
-                emb = text_encoder.embed(torch.tensor([init_ids], device=device))[0]
+                emb = text_encoder.embed(torch.tensor([init_ids[:n_ctx]], device=device))[0]
             ctx = emb.detach().float().cpu().clone()
             if class_specific:
                 ctx = ctx.unsqueeze(0).repeat(n_cls, 1, 1)
+            self.ctx_ids = tuple(init_ids[:n_ctx])
+            self.fixed_ids = tuple(init_ids[n_ctx:]) if keep_init_words else ()
         else:
-            if n_ctx < 1:
-                raise UserError("the number of context tokens must be >= 1")
             shape = (n_cls, n_ctx, width) if class_specific else (n_ctx, width)
             ctx = torch.empty(shape)
             nn.init.normal_(ctx, std=init_std)
+            self.ctx_ids = (tokenizer.placeholder_id,) * n_ctx
+            self.fixed_ids = ()
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
         self.class_specific = class_specific
@@ -434,26 +463,35 @@ class PromptLearner(nn.Module):
             nn.init.normal_(p, std=init_std)
             deep.append(nn.Parameter(p))
         self.deep_ctx = nn.ParameterList(deep)
+        logger.info(
+            f"text context: {n_ctx} tokens ({'from ' + repr(ctx_init) if ctx_init else 'random'})"
+            + (f", followed by {len(self.fixed_ids)} fixed token(s) of the init words" if self.fixed_ids else "")
+        )
 
     @property
     def depth(self):
         return len(self.deep_ctx) + 1
 
     def pieces(self, name_text, suffix_text=""):
-        """Prompt pieces around the class name for this learner's class-token position."""
+        """Prompt pieces around the class name for this learner's class-token position.
+
+        Fixed init words follow the context block, as in CoOp's prompt "{init words} {class}.".
+        """
+        fixed = TokenRun(self.fixed_ids)
         if self.position == "end":
-            return [self.n_ctx, name_text + suffix_text]
+            return [TokenRun(self.ctx_ids, True), fixed, name_text + suffix_text]
         if self.position == "front":
-            return [name_text, self.n_ctx, suffix_text]
+            return [name_text, TokenRun(self.ctx_ids, True), fixed, suffix_text]
         half = self.n_ctx // 2
-        return [half, name_text, self.n_ctx - half, suffix_text]
+        return [TokenRun(self.ctx_ids[:half], True), name_text, TokenRun(self.ctx_ids[half:], True), fixed, suffix_text]
 
     def tokens_for(self, classnames, template="{}."):
         """PromptTokens for each class: the template's leading words are replaced by the context.
 
         With template 'a fundus image of {}.' and position end the prompt is
-        '[ctx] glaucoma.'; with the context initialized from 'a fundus image of'
-        it is exactly the template's own token sequence.
+        '[ctx] glaucoma.' (plus any fixed init words before the class name); with
+        the context initialized from 'a fundus image of' it is exactly the
+        template's own token sequence.
         """
         from datasets.catalog import readable_classname
 

@@ -15,8 +15,9 @@ def extend_cfg(cfg):
     cfg.TRAINER.COCOOP = CN()
     # Context tokens when CTX_INIT is empty (random initialization).
     cfg.TRAINER.COCOOP.N_CTX = 4
-    # Words that initialize the context; their token count sets the number of context tokens
-    # (N_CTX is then not used); "template" = the dataset template's leading words.
+    # Words that initialize the context; "template" = the dataset template's leading words.
+    # The prompt is "{words} {class}." and its first <word count> tokens are the context
+    # (N_CTX is then not used), as in the original CoCoOp.
     cfg.TRAINER.COCOOP.CTX_INIT = "a photo of a"
     add_common_keys(cfg.TRAINER.COCOOP)
 
@@ -39,7 +40,7 @@ class CoCoOp(ImagePromptTrainer):
     cfg_key = "COCOOP"
 
     def build_learner(self):
-        text = self.build_text_prompts(self.tcfg.N_CTX)
+        text = self.build_text_prompts(self.tcfg.N_CTX, n_ctx_from_words=True)
         with torch.no_grad():  # the joint embedding size, whatever the text tower
             dim = self.text_encoder(self.text_encoder.embed(self.tokens.ids[:1]), self.tokens.ids[:1]).shape[-1]
         return CoCoOpLearner(text, dim)

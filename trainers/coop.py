@@ -12,8 +12,9 @@ def extend_cfg(cfg):
     cfg.TRAINER.COOP = CN()
     # Context tokens when CTX_INIT is empty (random initialization).
     cfg.TRAINER.COOP.N_CTX = 16
-    # Words that initialize the context (their token count sets N_CTX); "template" = the
-    # dataset template's leading words; empty = random.
+    # Words that initialize the context; "template" = the dataset template's leading words;
+    # empty = random. The prompt is "{words} {class}." and its first <word count> tokens are
+    # the context (N_CTX is then not used), as in the original CoOp.
     cfg.TRAINER.COOP.CTX_INIT = ""
     # Class-specific context (one context per class) instead of one shared context.
     cfg.TRAINER.COOP.CSC = False
@@ -30,7 +31,7 @@ class CoOp(ImagePromptTrainer):
     def build_learner(self):
         t = self.tcfg
         return self.build_text_prompts(t.N_CTX, class_specific=t.CSC, n_cls=len(self.classnames),
-                                       position=t.CLASS_TOKEN_POSITION)
+                                       position=t.CLASS_TOKEN_POSITION, n_ctx_from_words=True)
 
     def tensor_settings(self):
         text = self.prompt_learner

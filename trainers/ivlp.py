@@ -12,11 +12,12 @@ from ._image_prompt import ImagePromptTrainer, add_common_keys
 
 def extend_cfg(cfg):
     cfg.TRAINER.IVLP = CN()
-    # Text context tokens when CTX_INIT is empty (random initialization).
+    # Text context tokens: the first N_CTX_TEXT tokens of the prompt.
     cfg.TRAINER.IVLP.N_CTX_TEXT = 2
-    # Words that initialize the text context; their token count sets the number of context tokens
-    # (N_CTX_TEXT is then not used); "template" = the dataset template's leading words.
-    cfg.TRAINER.IVLP.CTX_INIT = "a photo"
+    # Words that initialize the text context; "template" = the dataset template's leading words;
+    # empty = random. The prompt is "{words} {class}." with its first N_CTX_TEXT tokens learnable
+    # and the rest fixed; N_CTX_TEXT above the words' token count means random context.
+    cfg.TRAINER.IVLP.CTX_INIT = "a photo of a"
     # Visual prompt tokens appended to the patch tokens.
     cfg.TRAINER.IVLP.N_CTX_VISION = 2
     # Layers with prompts in each branch (1 = input only).

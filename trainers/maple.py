@@ -1,6 +1,8 @@
 """MaPLe: deep text prompts coupled to vision prompts through per-layer linear maps."""
 from __future__ import annotations
 
+import copy
+
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
@@ -11,24 +13,31 @@ from ._image_prompt import ImagePromptTrainer, add_common_keys
 
 def extend_cfg(cfg):
     cfg.TRAINER.MAPLE = CN()
-    # Context tokens when CTX_INIT is empty (random initialization).
+    # Context tokens: the first N_CTX tokens of the prompt.
     cfg.TRAINER.MAPLE.N_CTX = 2
-    # Words that initialize the context; their token count sets the number of context tokens
-    # (N_CTX is then not used); "template" = the dataset template's leading words.
-    cfg.TRAINER.MAPLE.CTX_INIT = "a photo"
+    # Words that initialize the context; "template" = the dataset template's leading words;
+    # empty = random. The prompt is "{words} {class}." with its first N_CTX tokens learnable
+    # and the rest fixed; N_CTX above the words' token count means random context.
+    cfg.TRAINER.MAPLE.CTX_INIT = "a photo of a"
     # Layers with coupled prompts in both branches (1 = input only).
     cfg.TRAINER.MAPLE.PROMPT_DEPTH = 9
     add_common_keys(cfg.TRAINER.MAPLE)
 
 
 class MaPLeLearner(nn.Module):
-    """Text prompts and one linear map (text width -> vision width) per prompted layer."""
+    """Text prompts and one linear map (text width -> vision width) per prompted layer.
+
+    As in the original MaPLe, the first layer's map is initialized on its own and the
+    maps of layers 2..depth start as identical copies of one randomly initialized layer.
+    """
 
     def __init__(self, text_prompts, vision_width):
         super().__init__()
         self.text = text_prompts
         text_width = text_prompts.ctx.shape[-1]
-        self.couplers = nn.ModuleList([nn.Linear(text_width, vision_width) for _ in range(text_prompts.depth)])
+        first = nn.Linear(text_width, vision_width)
+        deeper = nn.Linear(text_width, vision_width)
+        self.couplers = nn.ModuleList([first] + [copy.deepcopy(deeper) for _ in range(text_prompts.depth - 1)])
 
     def vision_prompts(self):
         """Vision prompts for layers 1..depth: each (n_ctx, vision width)."""

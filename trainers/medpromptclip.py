@@ -31,11 +31,11 @@ LOSSES = ("l1", "mse")
 
 def extend_cfg(cfg):
     cfg.TRAINER.MEDPROMPTCLIP = CN()
-    # Context tokens when CTX_INIT is empty (random initialization).
+    # Context tokens; the prompt is "[ctx] {class}.".
     cfg.TRAINER.MEDPROMPTCLIP.N_CTX = 6
-    # Words that initialize the context (their token count sets the number of context
-    # tokens); "template" = the leading words of the dataset's modality template
-    # ("a fundus image of"); empty = random initialization with N_CTX tokens.
+    # Words whose first N_CTX tokens initialize the context; "template" = the leading words
+    # of the dataset's modality template ("a fundus image of"); empty = random. With more
+    # context tokens than the words have, the context is random (logged), as in the original.
     cfg.TRAINER.MEDPROMPTCLIP.CTX_INIT = ""
     # Text layers that get prompts: 1 = only the input context (shallow); J > 1 adds
     # deep prompts before layers 2..J.
@@ -163,7 +163,8 @@ class MedPromptCLIP(CLIPTrainer):
         self.model = self.prompt_learner
         logger.info(
             f"MedPromptCLIP: {self.prompt_learner.n_ctx} context tokens "
-            f"({'from ' + repr(ctx_init) if ctx_init else 'random'}), text depth {self.prompt_learner.depth}, "
+            f"({'from ' + repr(self.prompt_learner.ctx_init) if self.prompt_learner.ctx_init else 'random'}), "
+            f"text depth {self.prompt_learner.depth}, "
             f"{count_parameters(self.prompt_learner, trainable_only=True)} learnable values"
         )
         self.optim = build_optimizer(self.prompt_learner, cfg.OPTIM)
