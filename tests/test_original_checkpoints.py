@@ -237,7 +237,8 @@ def test_original_ivlp_and_cocoop_tensors_map(backbones, demo_root, tmp_path):
         ivlp[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = torch.randn(2, WIDTH)
     ivlp.update({f"image_encoder.{k[len('visual.'):]}": v for k, v in clip.items() if k.startswith("visual.")})
     dassl_save(tmp_path / "ivlp", "VLPromptLearner", ivlp)
-    trainer = build("IVLP", "base2new", demo_root, tmp_path / "build-ivlp")
+    trainer = build("IVLP", "base2new", demo_root, tmp_path / "build-ivlp",  # the checkpoint's depth 9
+                    "TRAINER.IVLP.PROMPT_DEPTH_TEXT", 9, "TRAINER.IVLP.PROMPT_DEPTH_VISION", 9)
     trainer.load_model(str(tmp_path / "ivlp"))
     assert trainer.run_info["original_checkpoint"]["method"] == "IVLP"
     assert torch.equal(trainer.prompt_learner.vision[0].detach(), ivlp["image_encoder.VPT"])

@@ -10,7 +10,7 @@ import torch
 from conftest import DEMO_CFG, recipe
 from core.engine import TRAINER_REGISTRY
 
-CLASS = "fundus_spots"  # the demo's first class; readable "fundus spots"
+CLASS = "Z5"  # the demo's first class; readable "Z5"
 
 
 def build(name, demo_root, tmp_path, *opts, recipe_name="base2new"):
@@ -59,7 +59,7 @@ def test_maple_ivlp_learn_the_first_n_ctx_tokens_of_the_init_words(name, keys, n
     trainer = build(name, demo_root, tmp_path, f"TRAINER.{node}.{keys[0]}", str(n_ctx),
                     f"TRAINER.{node}.CTX_INIT", words)
     ids, learnable = prompt_of(trainer)
-    assert ids == expected_ids(trainer, f"{words} fundus spots.")
+    assert ids == expected_ids(trainer, f"{words} Z5.")
     assert learnable == list(range(1, 1 + n_ctx))
     # "a fundus image of" is 5 tokens: the first 4 ("a", "fund", "us", "image") are the context.
     ctx = text_learner(trainer).ctx.detach()
@@ -69,7 +69,7 @@ def test_maple_ivlp_learn_the_first_n_ctx_tokens_of_the_init_words(name, keys, n
 def test_ivlp_random_context_when_n_ctx_exceeds_the_init_words(demo_root, tmp_path):
     trainer = build("IVLP", demo_root, tmp_path, "TRAINER.IVLP.N_CTX_TEXT", "6", "TRAINER.IVLP.CTX_INIT", "a photo of a")
     ids, learnable = prompt_of(trainer)
-    assert ids == expected_ids(trainer, "X X X X X X fundus spots.")
+    assert ids == expected_ids(trainer, "X X X X X X Z5.")
     assert learnable == list(range(1, 7))
     assert text_learner(trainer).ctx_init == ""
 
@@ -86,9 +86,9 @@ def test_maple_deeper_couplers_start_as_copies_of_one_layer(demo_root, tmp_path)
 
 
 @pytest.mark.parametrize("position, text, learnable", [
-    ("end", "X X X X fundus spots.", [1, 2, 3, 4]),
-    ("middle", "X X fundus spots X X.", [1, 2, 6, 7]),
-    ("front", "fundus spots X X X X.", [4, 5, 6, 7]),
+    ("end", "X X X X Z5.", [1, 2, 3, 4]),
+    ("middle", "X X Z5 X X.", [1, 2, 5, 6]),
+    ("front", "Z5 X X X X.", [3, 4, 5, 6]),
 ])
 @pytest.mark.parametrize("csc", [False, True])
 def test_coop_random_context_in_each_class_token_position(position, text, learnable, csc, demo_root, tmp_path):
@@ -107,15 +107,15 @@ def test_coop_cocoop_context_is_the_init_words_tokens(name, words, n_words, demo
     node = name.upper()
     trainer = build(name, demo_root, tmp_path, f"TRAINER.{node}.N_CTX", "16", f"TRAINER.{node}.CTX_INIT", words)
     ids, learnable = prompt_of(trainer)
-    assert ids == expected_ids(trainer, f"{words} fundus spots.")
+    assert ids == expected_ids(trainer, f"{words} Z5.")
     assert learnable == list(range(1, 1 + n_words))
     assert torch.equal(text_learner(trainer).ctx.detach(), embeddings_of(trainer, words)[:n_words])
 
 
 @pytest.mark.parametrize("n_ctx, text, from_words", [
-    (4, "a fundus image fundus spots.", True),   # "a fund us image" as context, then the class
-    (5, "a fundus image of fundus spots.", True),
-    (6, "X X X X X X fundus spots.", False),     # more tokens than the words have: random, as the original
+    (4, "a fundus image Z5.", True),   # "a fund us image" as context, then the class
+    (5, "a fundus image of Z5.", True),
+    (6, "X X X X X X Z5.", False),     # more tokens than the words have: random, as the original
 ])
 def test_medpromptclip_context_is_the_first_n_ctx_init_tokens(n_ctx, text, from_words, demo_root, tmp_path):
     trainer = build("MedPromptCLIP", demo_root, tmp_path, "TRAINER.MEDPROMPTCLIP.N_CTX", str(n_ctx),

@@ -144,7 +144,7 @@ def head_ct(root, rows):
     folder = root / "Head_CT"
     (folder / "img").mkdir(parents=True, exist_ok=True)
     for i in range(6):
-        draw_image("xray_blob", i, size=16).save(folder / "img" / f"{i}.png")
+        draw_image("xray_ring", i, size=16).save(folder / "img" / f"{i}.png")
     (folder / "data_split.json").write_text(json.dumps({"train": rows, "val": [], "test": rows}))
     return folder
 
@@ -166,7 +166,7 @@ ROWS = [[f"img/{i}.png", i % 2, ["Normal_brain", "Brain_bleeding"][i % 2]] for i
 def test_split_rows_stay_inside_the_image_folder(tmp_path, capsys, bad):
     folder = head_ct(tmp_path / "data", ROWS + [[bad, 0, "Normal_brain"]])
     outside = tmp_path / "elsewhere.png"
-    draw_image("xray_blob", 9, size=16).save(outside)
+    draw_image("xray_ring", 9, size=16).save(outside)
     (folder / "img" / "outside.png").symlink_to(outside)
     out = tmp_path / "out"
     code, err = run_train("--root", tmp_path / "data", "--trainer", "ZeroShotCLIP", "--dataset-config-file", HEAD_CT_CFG,
