@@ -11,6 +11,8 @@ Every run writes OUTPUT_DIR/results.json (atomically) and OUTPUT_DIR/log.txt.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import warnings
@@ -20,7 +22,7 @@ if PROJECT_DIR not in sys.path:
     sys.path.insert(0, PROJECT_DIR)
 
 from core.config import get_cfg_default, merge_from_file, merge_from_list  # noqa: E402
-from core.engine import TRAINER_REGISTRY, yaml_safe  # noqa: E402
+from core.engine import TRAINER_REGISTRY  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.utils import logger, set_random_seed, setup_logger, write_json_atomic  # noqa: E402
 
@@ -85,13 +87,17 @@ def setup_cfg(args):
 NOT_IDENTITY = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "DEVICE", "VERBOSE", "TRAIN.PRINT_FREQ")
 
 
-def run_identity(cfg, args):
-    """What makes two runs the same experiment: the resolved config and what is loaded, paths made relative.
+def run_identity(cfg, args, known=None):
+    """What makes two runs the same experiment: the resolved config and what it loads.
 
     Stored in results.json; a sweep reuses a finished run only if its identity equals the one asked for.
-    Folders of other runs (--model-dir, INIT_FROM) are given relative to OUTPUT_DIR, so a moved output root
-    keeps its identities.
+    Folders of other runs (--model-dir, INIT_FROM) are given relative to OUTPUT_DIR (a moved output root
+    keeps its identities), with the identity hash of the run found there: a run loading retrained prompts
+    is another run. ``known`` maps such folders (absolute) to identity hashes expected there; other folders
+    are read from their results.json.
     """
+    from core.engine import yaml_safe
+
     config = yaml_safe(cfg)
     for key in NOT_IDENTITY:
         *parents, leaf = key.split(".")
@@ -100,15 +106,34 @@ def run_identity(cfg, args):
             node = node[name]
         node.pop(leaf, None)
     out = os.path.abspath(cfg.OUTPUT_DIR)
+    loads = {}
 
-    def relative(path):
-        return os.path.relpath(os.path.abspath(path), out) if path else path
+    def source(path):
+        path = os.path.abspath(path)
+        if known and path in known:
+            found = known[path]
+        else:
+            try:
+                with open(os.path.join(path, "results.json"), encoding="utf-8") as f:
+                    found = identity_hash(json.load(f)["identity"])
+            except (OSError, ValueError, KeyError, TypeError):
+                found = None
+        rel = os.path.relpath(path, out)
+        loads[rel] = found
+        return rel
 
     for node in config["TRAINER"].values():
         if isinstance(node, dict) and node.get("INIT_FROM"):
-            node["INIT_FROM"] = relative(node["INIT_FROM"])
-    return {"config": config, "eval_only": bool(args.eval_only), "model_dir": relative(args.model_dir) or None,
-            "load_epoch": args.load_epoch}
+            node["INIT_FROM"] = source(node["INIT_FROM"])
+    model_dir = source(args.model_dir) if args.model_dir else None
+    return {"config": config, "eval_only": bool(args.eval_only), "model_dir": model_dir,
+            "load_epoch": args.load_epoch, "loads": loads}
+
+
+def identity_hash(identity):
+    """A short fingerprint of a run identity (16 hex digits)."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def one_line(error):

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # fewshot sweep over a dataset, a modality group or the demo: bash scripts/fewshot.sh TARGET
-# Settings from the environment: DATA, OUTPUT, BACKBONE, METHODS, SEEDS, SHOTS, OPTS
-# (see scripts/sweep.py for their defaults). Finished runs are skipped.
+# Settings from the environment: DATA, OUTPUT, BACKBONE, METHODS, SEEDS, SHOTS, OPTS, LAUNCHER
+# (see scripts/sweep.py for their defaults). Finished runs are reused.
 set -euo pipefail
 if [ $# -lt 1 ]; then
     echo "usage: bash scripts/fewshot.sh TARGET   (a dataset, a modality group such as fundus or eye, or demo)" >&2
     exit 2
 fi
-exec python "$(dirname "$0")/sweep.py" fewshot "$@"
+# The interpreter: PYTHON, else python, else python3.
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+exec "$PYTHON" "$(dirname "$0")/sweep.py" fewshot "$@"
