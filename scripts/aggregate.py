@@ -27,6 +27,7 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if PROJECT_DIR not in sys.path:
     sys.path.insert(0, PROJECT_DIR)
 
+from core.errors import UserError  # noqa: E402
 from core.utils import atomic_open, write_json_atomic  # noqa: E402
 
 MANIFEST = "sweep.json"
@@ -368,7 +369,7 @@ def report(protocol, root, quiet=False, manifest=None):
             manifest = json.load(f)
     records, problems = collect(root, manifest)
     if not records:
-        raise SystemExit(f"no complete results.json under {root}" + (f" ({len(problems)} broken)" if problems else ""))
+        raise UserError(f"no complete results.json under {root}" + (f" ({len(problems)} broken)" if problems else ""))
     expected = expected_seeds(records, manifest)
     context = sweep_context(records, manifest)
     if protocol == "base2new":
@@ -387,7 +388,7 @@ def report(protocol, root, quiet=False, manifest=None):
         text, markdown = per_dataset_table(rows, context), per_dataset_table(rows, context, "github")
         data = {"rows": rows}
     else:
-        raise SystemExit(f"unknown protocol {protocol}")
+        raise UserError(f"unknown protocol {protocol}; use base2new, fewshot, crossmodal or zeroshot")
     data["problems"] = problems
     _write_csv(os.path.join(root, "summary.csv"), rows)
     write_json_atomic(os.path.join(root, "summary.json"), data)
@@ -413,7 +414,11 @@ def main(argv=None):
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    data = report(argv[0], argv[1])
+    try:
+        data = report(argv[0], argv[1])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 1 if data["problems"] else 0
 
 

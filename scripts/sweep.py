@@ -403,8 +403,17 @@ def main(argv=None):
         ok = execute(plan, launcher)
         import aggregate
 
-        data = aggregate.report(protocol, plan.root, manifest=plan.manifest())
-        return 0 if ok and not data["problems"] else 1
+        try:
+            data = aggregate.report(protocol, plan.root, manifest=plan.manifest())
+        except UserError as e:
+            if ok:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            data = None
+        if not ok:
+            print("error: some runs failed (FAILED lines above, details in their log.txt); fix the cause and "
+                  "rerun: finished runs are reused", file=sys.stderr)
+        return 0 if ok and data and not data["problems"] else 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -274,6 +274,17 @@ def test_ctrl_c_stops_a_sweep_with_one_line(tmp_path, demo_root):
     assert not list(tmp_path.rglob("run.lock")) and not list(tmp_path.rglob("results.json"))
 
 
+def test_a_failing_run_is_reported_and_shown_by_status(tmp_path, demo_root):
+    env = {"DATA": demo_root, "OUTPUT": str(tmp_path), "BACKBONE": "tiny-clip", "SEEDS": "1", "METHODS": "ZeroShotCLIP",
+           "OPTS": "TRAINER.ZEROSHOTCLIP.PROMPT bogus"}
+    proc = run_sweep("base2new", "demo", env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "FAILED ZeroShotCLIP demo seed 1 base: TRAINER.ZEROSHOTCLIP.PROMPT must be one of" in proc.stdout
+    assert "FAILED ZeroShotCLIP demo seed 1 new: not run: ZeroShotCLIP demo seed 1 base failed" in proc.stdout
+    status = run_sweep("base2new", "demo", env, "--status")
+    assert "2 runs: 0 done, 0 running, 1 failed, 1 pending" in status.stdout
+
+
 def test_unknown_target_and_method(tmp_path):
     proc = run_sweep("zeroshot", "retina", {"OUTPUT": str(tmp_path)})
     assert proc.returncode == 2 and "unknown dataset or group 'retina'" in proc.stderr
