@@ -300,7 +300,7 @@ def fewshot_plot(rows, records, context, path):
         ax.grid(alpha=0.3)
     epochs = sorted({(r["method"], r.get("epochs")) for r in records
                      if r.get("epochs") and r["kind"] != "zero-shot" and r.get("accuracy") is not None})
-    fig.suptitle(f"{context}; shaded: ± std over seeds; epochs: "
+    fig.suptitle(f"{context}; shaded: ± std over seeds\nepochs: "
                  + ", ".join(f"{m} {e}" for m, e in epochs), fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
     # Beside the panels, so that no curve is hidden.
@@ -354,9 +354,13 @@ def _write_csv(path, rows):
 def sweep_context(records, manifest):
     """'backbone X, seeds 1 2 3': what every table of the sweep shares."""
     backbones = sorted({r.get("backbone") for r in records if r.get("backbone")})
-    seeds = manifest.get("seeds") if manifest else sorted({r["seed"] for r in records if r.get("kind") != "zero-shot"})
-    text = f"backbone {', '.join(backbones) or '?'}, seeds {' '.join(str(s) for s in seeds)}"
-    return text
+    # Zero-shot runs use one seed: the seeds are those of the other runs, if there are any.
+    seeded = [r for r in records if r.get("kind") != "zero-shot"] or records
+    if manifest and seeded is not records:
+        seeds = manifest.get("seeds") or []
+    else:
+        seeds = sorted({r["seed"] for r in seeded})
+    return f"backbone {', '.join(backbones) or '?'}, seeds {' '.join(str(s) for s in seeds)}"
 
 
 def report(protocol, root, quiet=False, manifest=None):
