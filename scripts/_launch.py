@@ -316,7 +316,18 @@ def _visible_gpus():
 
 
 def pool_worker(index, workers, tasks, events):
-    """A worker process of local:N: executes groups from ``tasks``, reports to ``events``."""
+    """A worker process of local:N: executes groups from ``tasks``, reports to ``events``.
+
+    The sweep's process decides when to stop (Ctrl-C reaches it); it then sends SIGTERM, which
+    stops the worker's run like Ctrl-C would: the run's lock is released, nothing is printed.
+    """
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop)
     if "OMP_NUM_THREADS" not in os.environ:
         import torch
 
@@ -406,9 +417,11 @@ def launch_pool(groups, emit, workers):
     finally:
         for p in procs:
             if p.is_alive():
-                p.join(timeout=5)  # a worker stopping on Ctrl-C releases its lock first
+                p.terminate()  # stops its run and releases the run's lock
+        for p in procs:
+            p.join(timeout=30)
             if p.is_alive():
-                p.terminate()
+                p.kill()
     return not failed
 
 
