@@ -12,7 +12,8 @@ Every run writes OUTPUT_DIR/results.json (atomically) and OUTPUT_DIR/log.txt.
 from __future__ import annotations
 
 import argparse
-import datetime
+import hashlib
+import json
 import os
 import sys
 import warnings
@@ -98,43 +99,57 @@ def setup_cfg(args):
     return cfg
 
 
-def run_record(cfg, args, trainer, results):
-    """The content of results.json."""
-    record = {
-        "trainer": cfg.TRAINER.NAME,
-        "dataset": cfg.DATASET.NAME,
-        "subsample": cfg.DATASET.SUBSAMPLE_CLASSES,
-        "num_shots": cfg.DATASET.NUM_SHOTS,
-        "seed": cfg.SEED,
-        "backbone": cfg.MODEL.BACKBONE.NAME,
-        "split": None,
-        "num_samples": None,
-        "accuracy": None,
-        "macro_f1": None,
-        "classnames": list(getattr(trainer, "classnames", []) or []),
-        "eval_only": bool(args.eval_only),
-        "model_dir": args.model_dir or None,
-        "load_epoch": args.load_epoch,
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
-    if results:
-        record.update({k: v for k, v in results.items() if k != "error_rate"})
-    losses = getattr(trainer, "epoch_losses", None)
-    if losses is not None and losses.meters:
-        record["train_loss"] = {k: m.avg for k, m in losses.meters.items()}
-    record.update(trainer.run_info)
-    record["config"] = yaml_safe(cfg)
-    return record
+# Settings that change where a run writes or how much it logs, not what it computes: left out of its identity.
+NOT_IDENTITY = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "DEVICE", "VERBOSE", "TRAIN.PRINT_FREQ")
 
 
-def yaml_safe(node):
-    from yacs.config import CfgNode
+def run_identity(cfg, args, known=None):
+    """What makes two runs the same experiment: the resolved config and what it loads.
 
-    if isinstance(node, CfgNode):
-        return {k: yaml_safe(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [yaml_safe(v) for v in node]
-    return node
+    Stored in results.json; a sweep reuses a finished run only if its identity equals the one asked for.
+    Folders of other runs (--model-dir, INIT_FROM) are given relative to OUTPUT_DIR (a moved output root
+    keeps its identities), with the identity hash of the run found there: a run loading retrained prompts
+    is another run. ``known`` maps such folders (absolute) to identity hashes expected there; other folders
+    are read from their results.json.
+    """
+    from core.engine import yaml_safe
+
+    config = yaml_safe(cfg)
+    for key in NOT_IDENTITY:
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node.pop(leaf, None)
+    out = os.path.abspath(cfg.OUTPUT_DIR)
+    loads = {}
+
+    def source(path):
+        path = os.path.abspath(path)
+        if known and path in known:
+            found = known[path]
+        else:
+            try:
+                with open(os.path.join(path, "results.json"), encoding="utf-8") as f:
+                    found = identity_hash(json.load(f)["identity"])
+            except (OSError, ValueError, KeyError, TypeError):
+                found = None
+        rel = os.path.relpath(path, out)
+        loads[rel] = found
+        return rel
+
+    for node in config["TRAINER"].values():
+        if isinstance(node, dict) and node.get("INIT_FROM"):
+            node["INIT_FROM"] = source(node["INIT_FROM"])
+    model_dir = source(args.model_dir) if args.model_dir else None
+    return {"config": config, "eval_only": bool(args.eval_only), "model_dir": model_dir,
+            "load_epoch": args.load_epoch, "loads": loads}
+
+
+def identity_hash(identity):
+    """A short fingerprint of a run identity (16 hex digits)."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def one_line(error):
@@ -202,6 +217,7 @@ def main(argv=None):
 
         cfg = setup_cfg(args)
         check_early(args, cfg)
+        identity = run_identity(cfg, args)
         if args.eval_only and args.model_dir and not os.path.isdir(args.model_dir):
             raise UserError(f"--model-dir {args.model_dir} does not exist; give the output folder of a training run")
         remove_stale_temp_files(cfg.OUTPUT_DIR)
@@ -234,7 +250,9 @@ def main(argv=None):
             trainer.train(trainer.start_epoch, trainer.max_epoch)
             if not cfg.TEST.NO_TEST:
                 results = trainer.test()
-        record = run_record(cfg, args, trainer, results)
+        recipe = os.path.splitext(os.path.basename(args.config_file))[0] if args.config_file else None
+        record = trainer.run_record(results, identity=identity, recipe=recipe, eval_only=args.eval_only,
+                                    model_dir=args.model_dir, load_epoch=args.load_epoch)
         if cfg.TEST.COMPUTE_CMAT and getattr(trainer.evaluator, "cmat", None) is not None and results:
             write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "cmat.json"), {
                 "classnames": record["classnames"], "matrix": trainer.evaluator.cmat.tolist(),

@@ -92,6 +92,17 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(cuda)
 
 
+def yaml_safe(node):
+    """A config (or any part of it) as plain dicts and lists, for JSON."""
+    from yacs.config import CfgNode
+
+    if isinstance(node, CfgNode):
+        return {k: yaml_safe(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [yaml_safe(v) for v in node]
+    return node
+
+
 class TrainerBase:
     """Model registry, checkpointing and the epoch loop."""
 
@@ -422,6 +433,50 @@ class SimpleTrainer(TrainerBase):
 
     def model_inference(self, input):
         return self.model(input)
+
+
+    # What the trainer learns from, read by sweeps and tables: "zero-shot" (nothing is trained),
+    # "text-only" (no image is seen in training) or "image-trained" (few-shot images).
+    kind = "image-trained"
+
+    def method_label(self):
+        """The method's name in tables: the trainer, and what it started from or how it prompts."""
+        return self.cfg.TRAINER.NAME
+
+    def run_record(self, results, identity=None, recipe=None, eval_only=False, model_dir="", load_epoch=None):
+        """The content of results.json: what ran (identity, labels), what it gave, and the full config."""
+        classnames = getattr(self, "classnames", None) or [self.lab2cname[i] for i in sorted(self.lab2cname)]
+        cfg = self.cfg
+        record = {
+            "trainer": cfg.TRAINER.NAME,
+            "method": self.method_label(),
+            "kind": self.kind,
+            "recipe": recipe,
+            "dataset": cfg.DATASET.NAME,
+            "subsample": cfg.DATASET.SUBSAMPLE_CLASSES,
+            "num_shots": cfg.DATASET.NUM_SHOTS,
+            "seed": cfg.SEED,
+            "backbone": cfg.MODEL.BACKBONE.NAME,
+            "epochs": cfg.OPTIM.MAX_EPOCH,
+            "split": None,
+            "num_samples": None,
+            "accuracy": None,
+            "macro_f1": None,
+            "classnames": list(classnames),
+            "eval_only": bool(eval_only),
+            "model_dir": model_dir or None,
+            "load_epoch": load_epoch,
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        if results:
+            record.update({k: v for k, v in results.items() if k != "error_rate"})
+        losses = getattr(self, "epoch_losses", None)
+        if losses is not None and losses.meters:
+            record["train_loss"] = {k: m.avg for k, m in losses.meters.items()}
+        record.update(self.run_info)
+        record["identity"] = identity
+        record["config"] = yaml_safe(cfg)
+        return record
 
 
 class TrainerX(SimpleTrainer):

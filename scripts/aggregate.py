@@ -5,8 +5,10 @@
     python scripts/aggregate.py crossmodal output/crossmodal/demo-clip/pool-eye
     python scripts/aggregate.py zeroshot output/zeroshot/demo-clip
 
-Runs are found as ROOT/<dataset>/<method>/.../results.json; the method is the folder
-name under the dataset. Summaries are written to ROOT/summary.{csv,json,md}
+The runs are those the last sweep on ROOT asked for (ROOT/sweep.json), or without it every
+results.json under ROOT. The method, its kind and every number come from results.json. A row with
+fewer seeds than asked for says so (e.g. 2/3); a run asked for that is missing, incomplete or holds
+other settings is listed and the exit status is 1. Summaries are written to ROOT/summary.{csv,json,md}
 (and ROOT/fewshot.png for few-shot).
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import math
 import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from tabulate import tabulate
 
@@ -25,28 +27,75 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if PROJECT_DIR not in sys.path:
     sys.path.insert(0, PROJECT_DIR)
 
+from core.errors import UserError  # noqa: E402
 from core.utils import atomic_open, write_json_atomic  # noqa: E402
 
+MANIFEST = "sweep.json"
+# Fields without which a results.json is not a finished run.
+REQUIRED = ("trainer", "method", "kind", "dataset", "seed", "identity", "finished")
+KINDS = ("zero-shot", "text-only", "image-trained")
 
-def collect(root):
-    """Every results.json under root, with 'method' set from its folder: list of dicts."""
-    records = []
-    for dirpath, _, filenames in os.walk(root):
-        if "results.json" not in filenames:
+
+def read_result(folder):
+    """(record, None) for a complete results.json in folder, else (None, what is wrong)."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        return None, "no results.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None, "results.json is not valid JSON (cut short?)"
+    if not isinstance(record, dict) or any(k not in record for k in REQUIRED):
+        return None, "results.json is incomplete (written by an older version, or edited)"
+    no_test = ((record.get("identity") or {}).get("config") or {}).get("TEST", {}).get("NO_TEST", False)
+    if record.get("accuracy") is None and not no_test:
+        return None, "results.json has no accuracy"
+    return record, None
+
+
+def collect(root, manifest=None):
+    """(records, problems): the runs asked for (manifest) or found under root, and what is wrong with others."""
+    from train import identity_hash
+
+    records, problems = [], []
+    if manifest is None and os.path.isfile(os.path.join(root, MANIFEST)):
+        with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    if manifest is not None:
+        folders = [(os.path.join(root, e["path"]), e["identity"]) for e in manifest["runs"]]
+    else:
+        folders = []
+        for d, subdirs, files in os.walk(root):
+            # Folders set aside when a run was redone hold old results.
+            subdirs[:] = [s for s in subdirs if ".replaced-" not in s]
+            if "results.json" in files:
+                folders.append((d, None))
+    for folder, identity in sorted(folders):
+        record, problem = read_result(folder)
+        if record is not None and identity is not None and identity_hash(record["identity"]) != identity:
+            record, problem = None, "results.json holds a run with other settings"
+        if record is None:
+            problems.append(f"{folder}: {problem}")
             continue
-        rel = os.path.relpath(dirpath, root).split(os.sep)
-        if len(rel) < 2:
-            continue
-        try:
-            with open(os.path.join(dirpath, "results.json"), encoding="utf-8") as f:
-                record = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            print(f"warning: {os.path.join(dirpath, 'results.json')} is not valid JSON; left out", file=sys.stderr)
-            continue
-        record["method"] = rel[1]
-        record["path"] = dirpath
+        record["path"] = folder
         records.append(record)
-    return records
+    return records, problems
+
+
+def expected_seeds(records, manifest):
+    """Seeds a row should have, by the trainer kind: one for zero-shot, else the sweep's seeds."""
+    if manifest is not None:
+        n = len(manifest.get("seeds") or [])
+    else:
+        per_row = Counter((r["dataset"], r["method"], r.get("num_shots")) for r in records
+                          if r.get("kind") != "zero-shot" and r.get("subsample") != "new")
+        n = max(per_row.values(), default=1)
+    return lambda kind: 1 if kind == "zero-shot" else max(n, 1)
+
+
+def seeds_cell(n, expected):
+    return str(n) if n >= expected else f"{n}/{expected}"
 
 
 def mean_std(values):
@@ -71,29 +120,41 @@ def fmt(m, sd=None):
     return f"{m:.1f}" if sd is None else f"{m:.1f} ± {sd:.1f}"
 
 
-def method_order(methods):
-    """Zero-shot first (template, ensemble, descriptions), then MedPromptCLIP, then the baselines."""
-    families = ["ZeroShotCLIP", "MedPromptCLIP", "CoOp", "CoCoOp", "IVLP", "MaPLe"]
-    variants = ["", "template", "ensemble", "descriptions"]
+def method_order(methods, kinds):
+    """Zero-shot first (template, ensemble, descriptions), then text-only, then image-trained methods."""
+    variants = ["(template)", "(ensemble)", "(descriptions)"]
 
     def key(method):
-        family, _, variant = method.split("+")[0].partition("-")
-        return (families.index(family) if family in families else len(families),
-                variants.index(variant) if variant in variants else len(variants), method)
+        kind = kinds.get(method)
+        variant = method.rsplit(" ", 1)[-1]
+        return (KINDS.index(kind) if kind in KINDS else len(KINDS),
+                variants.index(variant) if variant in variants else len(variants), method.lower())
 
     return sorted(methods, key=key)
+
+
+def describe(records, dataset, subsample=None):
+    """'<split> split, N images' of a dataset's evaluations (the most common count)."""
+    counts = Counter((r.get("split"), r.get("num_samples")) for r in records
+                     if r["dataset"] == dataset and r.get("num_samples") and subsample in (None, r.get("subsample")))
+    if not counts:
+        return None
+    (split, n), _ = counts.most_common(1)[0]
+    return split, n
 
 
 # ---------------------------------------------------------------------------- base-to-new
 
 
-def base2new_summary(records):
+def base2new_summary(records, expected):
     """Per dataset and method: base, new, HM (mean and std over seeds); plus averages over datasets."""
     runs = defaultdict(lambda: defaultdict(dict))  # (dataset, method) -> seed -> {base, new}
+    kinds = {}
     for r in records:
         if r.get("accuracy") is None or r.get("subsample") not in ("base", "new"):
             continue
         runs[(r["dataset"], r["method"])][r["seed"]][r["subsample"]] = r["accuracy"]
+        kinds[r["method"]] = r["kind"]
     rows = []
     for (dataset, method), seeds in sorted(runs.items()):
         base = [s.get("base") for s in seeds.values()]
@@ -102,7 +163,9 @@ def base2new_summary(records):
         b, bsd = mean_std(base)
         n, nsd = mean_std(new)
         h, hsd = mean_std(hms)
-        rows.append({"dataset": dataset, "method": method, "seeds": len(seeds), "base": b, "base_std": bsd,
+        complete = sum(1 for s in seeds.values() if "base" in s and "new" in s)
+        rows.append({"dataset": dataset, "method": method, "kind": kinds[method], "seeds": complete,
+                     "seeds_expected": expected(kinds[method]), "base": b, "base_std": bsd,
                      "new": n, "new_std": nsd, "hm": h, "hm_std": hsd})
     averages = []
     by_method = defaultdict(list)
@@ -112,22 +175,27 @@ def base2new_summary(records):
         b, _ = mean_std([i["base"] for i in items])
         n, _ = mean_std([i["new"] for i in items])
         h, _ = mean_std([i["hm"] for i in items])
-        averages.append({"method": method, "datasets": len(items), "base": b, "new": n,
+        averages.append({"method": method, "kind": kinds[method], "datasets": len(items), "base": b, "new": n,
                          "hm_of_averages": harmonic_mean(b, n), "mean_of_hms": h})
     return rows, averages
 
 
-def base2new_tables(rows, averages, tablefmt="simple"):
+def base2new_tables(rows, averages, records, context, tablefmt="simple"):
+    kinds = {r["method"]: r["kind"] for r in rows}
     out = []
     for dataset in sorted({r["dataset"] for r in rows}):
         items = [r for r in rows if r["dataset"] == dataset]
-        order = method_order([i["method"] for i in items])
+        order = method_order([i["method"] for i in items], kinds)
         items.sort(key=lambda r: order.index(r["method"]))
         table = [[r["method"], fmt(r["base"], r["base_std"]), fmt(r["new"], r["new_std"]), fmt(r["hm"], r["hm_std"]),
-                  r["seeds"]] for r in items]
-        out.append(f"{dataset} (accuracy %, mean ± std over seeds)\n"
+                  seeds_cell(r["seeds"], r["seeds_expected"])] for r in items]
+        halves = [describe(records, dataset, half) for half in ("base", "new")]
+        split = ", ".join(f"{half} {d[1]} images" for half, d in zip(("base", "new"), halves) if d)
+        split_name = next((d[0] for d in halves if d), "test")
+        out.append(f"{dataset}: base-to-new, {context}, {split_name} split ({split}); "
+                   f"accuracy %, mean ± std over seeds\n"
                    + tabulate(table, headers=["method", "base", "new", "HM", "seeds"], tablefmt=tablefmt))
-    order = method_order([a["method"] for a in averages])
+    order = method_order([a["method"] for a in averages], kinds)
     averages = sorted(averages, key=lambda a: order.index(a["method"]))
     table = [[a["method"], fmt(a["base"]), fmt(a["new"]), fmt(a["hm_of_averages"]), fmt(a["mean_of_hms"]), a["datasets"]]
              for a in averages]
@@ -140,63 +208,88 @@ def base2new_tables(rows, averages, tablefmt="simple"):
 
 
 def shots_of(record):
-    return max(record.get("num_shots") or 0, 0) if record["trainer"] not in ("ZeroShotCLIP", "MedPromptCLIP") else 0
+    """Images per class the method saw: 0 for zero-shot and text-only methods."""
+    return max(record.get("num_shots") or 0, 0) if record["kind"] == "image-trained" else 0
 
 
-def fewshot_summary(records):
+def fewshot_summary(records, expected):
     """Accuracy (mean, std over seeds) per dataset, method and shots; average over datasets."""
     runs = defaultdict(list)
+    kinds = {}
     for r in records:
         if r.get("accuracy") is not None:
             runs[(r["dataset"], r["method"], shots_of(r))].append(r["accuracy"])
+            kinds[r["method"]] = r["kind"]
     rows = []
     for (dataset, method, shots), accs in sorted(runs.items()):
         m, sd = mean_std(accs)
-        rows.append({"dataset": dataset, "method": method, "shots": shots, "accuracy": m, "std": sd, "seeds": len(accs)})
+        rows.append({"dataset": dataset, "method": method, "kind": kinds[method], "shots": shots, "accuracy": m,
+                     "std": sd, "seeds": len(accs), "seeds_expected": expected(kinds[method])})
     avg = defaultdict(list)
     for r in rows:
         avg[(r["method"], r["shots"])].append(r["accuracy"])
     for (method, shots), accs in sorted(avg.items()):
-        rows.append({"dataset": "average", "method": method, "shots": shots, "accuracy": mean_std(accs)[0],
-                     "std": None, "seeds": None})
+        rows.append({"dataset": "average", "method": method, "kind": kinds[method], "shots": shots,
+                     "accuracy": mean_std(accs)[0], "std": None, "seeds": None, "seeds_expected": None})
     return rows
 
 
-def fewshot_tables(rows, tablefmt="simple"):
+def fewshot_cell(row):
+    cell = fmt(row["accuracy"], row["std"])
+    if row["seeds"] is not None and row["seeds"] < row["seeds_expected"]:
+        cell += f" ({row['seeds']}/{row['seeds_expected']} seeds)"
+    return cell
+
+
+def fewshot_tables(rows, records, context, tablefmt="simple"):
     out = []
+    kinds = {r["method"]: r["kind"] for r in rows}
     shots = sorted({r["shots"] for r in rows if r["shots"] > 0})
-    for dataset in sorted({r["dataset"] for r in rows}, key=lambda d: (d == "average", d)):
+    datasets = sorted({r["dataset"] for r in rows if r["dataset"] != "average"})
+    for dataset in datasets + (["average"] if len(datasets) > 1 else []):
         items = [r for r in rows if r["dataset"] == dataset]
-        methods = method_order({r["method"] for r in items})
+        methods = method_order({r["method"] for r in items}, kinds)
         table = []
         for method in methods:
-            cells = {r["shots"]: fmt(r["accuracy"], r["std"]) for r in items if r["method"] == method}
+            cells = {r["shots"]: fewshot_cell(r) for r in items if r["method"] == method}
             if 0 in cells:
                 table.append([method + " (0-shot)", *([cells[0]] * len(shots))])
             else:
                 table.append([method, *[cells.get(k, "-") for k in shots]])
-        out.append(f"{dataset} (accuracy %)\n"
+        where = describe(records, dataset)
+        split = f", {where[0]} split ({where[1]} images)" if where else ""
+        out.append(f"{dataset}: few-shot, {context}{split}; accuracy %, mean ± std over seeds\n"
                    + tabulate(table, headers=["method", *[f"{k} shots" for k in shots]], tablefmt=tablefmt))
     return "\n\n".join(out)
 
 
-def fewshot_plot(rows, path):
+def fewshot_plot(rows, records, context, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (d == "average", d))
+    kinds = {r["method"]: r["kind"] for r in rows}
+    datasets = sorted({r["dataset"] for r in rows if r["dataset"] != "average"})
+    if len(datasets) > 1:
+        datasets.append("average")
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         items = [r for r in rows if r["dataset"] == dataset]
-        for method in method_order({r["method"] for r in items}):
-            points = sorted((r["shots"], r["accuracy"]) for r in items if r["method"] == method)
+        for method in method_order({r["method"] for r in items}, kinds):
+            points = sorted((r["shots"], r["accuracy"], r["std"] or 0.0) for r in items if r["method"] == method)
             if points and points[0][0] == 0:
-                ax.axhline(points[0][1], linestyle="--" if method == "ZeroShotCLIP" else ":", linewidth=1.2,
-                           label=f"{method} (0-shot)", color="gray" if method == "ZeroShotCLIP" else "black")
+                zero_shot = kinds[method] == "zero-shot"
+                ax.axhline(points[0][1], linestyle="--" if zero_shot else ":", linewidth=1.2,
+                           label=f"{method} (0-shot)", color="gray" if zero_shot else "black")
             else:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+                x = [p[0] for p in points]
+                m = [p[1] for p in points]
+                sd = [p[2] for p in points]
+                (line,) = ax.plot(x, m, marker="o", label=method)
+                # The spread over seeds: mean ± std.
+                ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xscale("log", base=2)
         shots = sorted({r["shots"] for r in items if r["shots"] > 0})
         ax.set_xticks(shots, [str(k) for k in shots])
@@ -205,34 +298,43 @@ def fewshot_plot(rows, path):
         ax.set_ylabel("accuracy (%)")
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    epochs = sorted({(r["method"], r.get("epochs")) for r in records
+                     if r.get("epochs") and r["kind"] != "zero-shot" and r.get("accuracy") is not None})
+    fig.suptitle(f"{context}; shaded: ± std over seeds\nepochs: "
+                 + ", ".join(f"{m} {e}" for m, e in epochs), fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    # Beside the panels, so that no curve is hidden.
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- zero-shot / cross-modal
 
 
-def per_dataset_summary(records):
+def per_dataset_summary(records, expected):
     runs = defaultdict(list)
+    kinds = {}
     for r in records:
         if r.get("accuracy") is not None:
             runs[(r["dataset"], r["method"])].append(r["accuracy"])
-    return [{"dataset": d, "method": m, "accuracy": mean_std(a)[0], "std": mean_std(a)[1], "seeds": len(a)}
-            for (d, m), a in sorted(runs.items())]
+            kinds[r["method"]] = r["kind"]
+    return [{"dataset": d, "method": m, "kind": kinds[m], "accuracy": mean_std(a)[0], "std": mean_std(a)[1],
+             "seeds": len(a), "seeds_expected": expected(kinds[m])} for (d, m), a in sorted(runs.items())]
 
 
-def per_dataset_table(rows, tablefmt="simple"):
-    methods = method_order({r["method"] for r in rows})
+def per_dataset_table(rows, context, tablefmt="simple"):
+    kinds = {r["method"]: r["kind"] for r in rows}
+    methods = method_order({r["method"] for r in rows}, kinds)
     datasets = sorted({r["dataset"] for r in rows})
     cell = {(r["dataset"], r["method"]): r for r in rows}
-    table = [[d, *[fmt(cell[(d, m)]["accuracy"], cell[(d, m)]["std"]) if (d, m) in cell else "-" for m in methods]]
-             for d in datasets]
+    table = [[d, *[fewshot_cell(cell[(d, m)]) if (d, m) in cell else "-" for m in methods]] for d in datasets]
     averages = [mean_std([cell[(d, m)]["accuracy"] for d in datasets if (d, m) in cell])[0] for m in methods]
     table.append(["average", *[fmt(a) for a in averages]])
-    return "accuracy % (mean ± std over seeds)\n" + tabulate(table, headers=["dataset", *methods], tablefmt=tablefmt)
+    return (f"{context}; accuracy % (mean ± std over seeds)\n"
+            + tabulate(table, headers=["dataset", *methods], tablefmt=tablefmt))
 
 
 # ---------------------------------------------------------------------------- output
@@ -249,27 +351,49 @@ def _write_csv(path, rows):
         f.write(buf.getvalue())
 
 
-def report(protocol, root, quiet=False):
-    """Build the protocol's tables from root, write summary files beside the runs, print the table."""
-    records = collect(root)
+def sweep_context(records, manifest):
+    """'backbone X, seeds 1 2 3': what every table of the sweep shares."""
+    backbones = sorted({r.get("backbone") for r in records if r.get("backbone")})
+    # Zero-shot runs use one seed: the seeds are those of the other runs, if there are any.
+    seeded = [r for r in records if r.get("kind") != "zero-shot"] or records
+    if manifest and seeded is not records:
+        seeds = manifest.get("seeds") or []
+    else:
+        seeds = sorted({r["seed"] for r in seeded})
+    return f"backbone {', '.join(backbones) or '?'}, seeds {' '.join(str(s) for s in seeds)}"
+
+
+def report(protocol, root, quiet=False, manifest=None):
+    """Build the protocol's tables from root, write summary files beside the runs, print the table.
+
+    Returns the summary data; its "problems" lists the runs asked for that are missing or broken.
+    """
+    if manifest is None and os.path.isfile(os.path.join(root, MANIFEST)):
+        with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    records, problems = collect(root, manifest)
     if not records:
-        raise SystemExit(f"no results.json under {root}")
+        raise UserError(f"no complete results.json under {root}" + (f" ({len(problems)} broken)" if problems else ""))
+    expected = expected_seeds(records, manifest)
+    context = sweep_context(records, manifest)
     if protocol == "base2new":
-        rows, averages = base2new_summary(records)
-        text, markdown = base2new_tables(rows, averages), base2new_tables(rows, averages, "github")
+        rows, averages = base2new_summary(records, expected)
+        text = base2new_tables(rows, averages, records, context)
+        markdown = base2new_tables(rows, averages, records, context, "github")
         data = {"per_dataset": rows, "average": averages}
         _write_csv(os.path.join(root, "summary_average.csv"), averages)
     elif protocol == "fewshot":
-        rows = fewshot_summary(records)
-        text, markdown = fewshot_tables(rows), fewshot_tables(rows, "github")
+        rows = fewshot_summary(records, expected)
+        text, markdown = fewshot_tables(rows, records, context), fewshot_tables(rows, records, context, "github")
         data = {"rows": rows}
-        fewshot_plot(rows, os.path.join(root, "fewshot.png"))
+        fewshot_plot(rows, records, context, os.path.join(root, "fewshot.png"))
     elif protocol in ("crossmodal", "zeroshot"):
-        rows = per_dataset_summary(records)
-        text, markdown = per_dataset_table(rows), per_dataset_table(rows, "github")
+        rows = per_dataset_summary(records, expected)
+        text, markdown = per_dataset_table(rows, context), per_dataset_table(rows, context, "github")
         data = {"rows": rows}
     else:
-        raise SystemExit(f"unknown protocol {protocol}")
+        raise UserError(f"unknown protocol {protocol}; use base2new, fewshot, crossmodal or zeroshot")
+    data["problems"] = problems
     _write_csv(os.path.join(root, "summary.csv"), rows)
     write_json_atomic(os.path.join(root, "summary.json"), data)
     with atomic_open(os.path.join(root, "summary.md"), "w", encoding="utf-8") as f:
@@ -279,6 +403,13 @@ def report(protocol, root, quiet=False):
         print(text)
         print(f"\nsummaries: {os.path.join(root, 'summary.{csv,json,md}')}"
               + (f", plot: {os.path.join(root, 'fewshot.png')}" if protocol == "fewshot" else ""))
+    if problems:
+        print(f"error: {len(problems)} of the runs asked for are missing or broken (rows above show the seeds they "
+              f"have); rerun the sweep to redo them:", file=sys.stderr)
+        for line in problems[:20]:
+            print(f"  {line}", file=sys.stderr)
+        if len(problems) > 20:
+            print(f"  ... and {len(problems) - 20} more", file=sys.stderr)
     return data
 
 
@@ -287,8 +418,12 @@ def main(argv=None):
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    report(argv[0], argv[1])
-    return 0
+    try:
+        data = report(argv[0], argv[1])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 1 if data["problems"] else 0
 
 
 if __name__ == "__main__":

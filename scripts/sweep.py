@@ -1,37 +1,45 @@
-"""Sweeps behind scripts/*.sh: methods x datasets x seeds (x shots), skipping finished runs.
+"""Sweeps behind scripts/*.sh: methods x datasets x seeds (x shots), reusing finished runs.
 
-    python scripts/sweep.py base2new TARGET
-    python scripts/sweep.py fewshot TARGET
-    python scripts/sweep.py crossmodal TARGET [POOL]
-    python scripts/sweep.py zeroshot TARGET
+    python scripts/sweep.py base2new TARGET [--status]
+    python scripts/sweep.py fewshot TARGET [--status]
+    python scripts/sweep.py crossmodal TARGET [POOL] [--status]
+    python scripts/sweep.py zeroshot TARGET [--status]
 
 TARGET is a dataset, a modality group (fundus, oct, pathology, xray, ..., eye, all) or demo,
 or a dataset declared in data (DATA/<name>/dataset.yaml, written by python -m datasets.make_split --folder).
+--status shows which runs are done, running, failed or pending, and starts nothing.
 Settings come from environment variables (defaults in brackets):
   DATA      data root                                         [./data]
   OUTPUT    output root                                       [./output]
   BACKBONE  MODEL.BACKBONE.NAME                               [demo-clip for demo, else pmc-clip]
-  METHODS   methods for base2new                              [MedPromptCLIP CoOp MaPLe]
+  METHODS   methods for base2new                              [ZeroShotCLIP MedPromptCLIP CoOp MaPLe]
   SEEDS     seeds                                             [1 2 3]
   SHOTS     shots for fewshot (and for image-based base2new)  [1 2 4 8 16] / [16]
   OPTS      extra KEY VALUE overrides for every run           []
-A run whose results.json exists is skipped, so an interrupted sweep resumes where it stopped.
+  LAUNCHER  local (in this process), local:N (N worker processes, one GPU each when
+            CUDA_VISIBLE_DEVICES lists several) or slurm (jobs through submitit)   [local]
+  SLURM_PARTITION, SLURM_TIME (minutes), SLURM_GPUS (per job), SLURM_CPUS (per job),
+  SLURM_ARRAY_PARALLELISM (jobs at once)                      [-, 240, 1, 8, 32]
+A run is reused only if its results.json is complete and holds the run asked for (the same resolved
+config); otherwise it runs again. A per-run lock keeps two sweeps from running the same run.
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import hashlib
+import json
 import os
 import sys
-import time
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, PROJECT_DIR)
 sys.path.insert(0, os.path.join(PROJECT_DIR, "scripts"))
 
+from _launch import (FAILED_FILE, Group, Run, execute_group, launch_local, launch_pool, launch_slurm,  # noqa: E402
+                     lock_state, parse_launcher, run_state)
 from core.errors import UserError  # noqa: E402
 
-TEXT_ONLY = {"MedPromptCLIP", "ZeroShotCLIP"}
+# The list of runs a sweep asked for, written into its output root for the aggregator.
+MANIFEST = "sweep.json"
 # The method of the few-shot rows started from MedPromptCLIP prompts: the paper's few-shot setting.
 STACKED = "IVLP"
 MIN_CLASSES_BASE2NEW = 4
@@ -44,11 +52,12 @@ class Settings:
         self.data = env.get("DATA", os.path.join(PROJECT_DIR, "data"))
         self.output = env.get("OUTPUT", os.path.join(PROJECT_DIR, "output"))
         self.backbone = env.get("BACKBONE") or ("demo-clip" if target == "demo" else "pmc-clip")
-        self.methods = env.get("METHODS", "MedPromptCLIP CoOp MaPLe").split()
+        self.methods = env.get("METHODS", "ZeroShotCLIP MedPromptCLIP CoOp MaPLe").split()
         self.seeds = [int(s) for s in env.get("SEEDS", "1 2 3").split()]
         self.shots = [int(s) for s in env.get("SHOTS", "1 2 4 8 16").split()]
         self.base2new_shots = int(env.get("SHOTS", "16").split()[-1])
         self.opts = env.get("OPTS", "").split()
+        self.launcher = env.get("LAUNCHER", "local")
 
 
 def datasets_of(target):
@@ -92,8 +101,9 @@ def preflight(settings, names):
                 f"dataset {name}: no descriptions file {descriptions_path(name)} for MedPromptCLIP; name one in "
                 f"{entry.declared_in} or generate it: python scripts/generate_descriptions.py {name} --root {settings.data}"
             )
+    opts = dict(zip(settings.opts[::2], settings.opts[1::2]))
     try:
-        check_backbone(settings.backbone)
+        check_backbone(settings.backbone, opts.get("MODEL.BACKBONE.PRETRAINED", ""), opts.get("MODEL.BACKBONE.CACHE_DIR", ""))
     except UserError as e:
         problems.append(str(e))
     if problems:
@@ -101,34 +111,6 @@ def preflight(settings, names):
             f"cannot run {settings.target} (data root DATA={settings.data}, backbone BACKBONE={settings.backbone}); "
             f"nothing was started:\n" + "\n".join(f"  - {p}" for p in problems)
         )
-
-
-class Runner:
-    """Runs train.py in this process, one line of progress per run."""
-
-    def __init__(self, settings, total):
-        self.settings = settings
-        self.total = total
-        self.done = 0
-
-    def __call__(self, label, out, args):
-        import train
-
-        self.done += 1
-        prefix = f"[{self.done}/{self.total}] {label}"
-        results = os.path.join(out, "results.json")
-        if os.path.isfile(results):
-            print(f"{prefix}: done before, skipped", flush=True)
-            return
-        start = time.time()
-        # Options first: everything after the first KEY VALUE pair is read as overrides.
-        argv = ["--output-dir", out, "--feature-cache", os.path.join(self.settings.output, "feature_cache"), *args,
-                "MODEL.BACKBONE.NAME", self.settings.backbone, *self.settings.opts]
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = train.main(argv)
-        if code != 0:
-            raise UserError(f"run failed ({label}); its log is {os.path.join(out, 'log.txt')}")
-        print(f"{prefix}: {time.time() - start:.0f}s", flush=True)
 
 
 def dataset_config(dataset):
@@ -148,6 +130,75 @@ def common(settings, dataset, trainer, recipe, seed, shots=None):
     ]
 
 
+def kind_of(method):
+    """The trainer's kind from the registry: zero-shot, text-only or image-trained."""
+    from core.engine import TRAINER_REGISTRY
+
+    return TRAINER_REGISTRY.get(method).kind
+
+
+def opts_tag(opts):
+    """A short hash of the OPTS that change what a run computes ('' without such OPTS), for folder names."""
+    from train import NOT_IDENTITY
+
+    pairs = sorted((k, v) for k, v in zip(opts[::2], opts[1::2]) if k not in NOT_IDENTITY)
+    if not pairs:
+        return ""
+    return hashlib.sha256(json.dumps(pairs).encode("utf-8")).hexdigest()[:8]
+
+
+class Plan:
+    """The groups of runs of one sweep, with their folders (Dassl/CoOp layout):
+    ROOT/<dataset>/shots_<N>/<trainer>/<recipe>[-<hash of OPTS>]/seed<k>[/base|/new]."""
+
+    def __init__(self, protocol, settings, root):
+        self.protocol, self.settings, self.root = protocol, settings, root
+        self.groups = []
+        self.tag = opts_tag(settings.opts)
+
+    def folder(self, dataset, trainer, recipe, seed, shots=0, label=None):
+        """The run folder; ``recipe`` is a protocol or recipe name, the folder names the recipe file it picks."""
+        from trainers.recipes import recipe_file
+
+        stem = os.path.splitext(os.path.basename(recipe_file(trainer, recipe, dataset, shots or None)))[0]
+        name = stem + (f"-{self.tag}" if self.tag else "")
+        return os.path.join(self.root, dataset, f"shots_{shots}", label or trainer, name, f"seed{seed}")
+
+    def run(self, label, out, args):
+        # Options first: everything after the first KEY VALUE pair is read as overrides.
+        return Run(label, out, ["--output-dir", out, "--feature-cache", os.path.join(self.settings.output, "feature_cache"),
+                                *args, "MODEL.BACKBONE.NAME", self.settings.backbone, *self.settings.opts])
+
+    def group(self, runs, after=()):
+        group = Group(f"g{len(self.groups) + 1}", list(runs), [g.name for g in after])
+        self.groups.append(group)
+        return group
+
+    @property
+    def runs(self):
+        return [r for g in self.groups for r in g.runs]
+
+    def resolve(self):
+        """Each run's identity (its resolved config): a bad setting stops the sweep before anything runs."""
+        import train
+
+        known = {}
+        for run in self.runs:
+            args = train.build_parser().parse_args(run.argv)
+            cfg = train.setup_cfg(args)
+            run.identity = train.run_identity(cfg, args, known)
+            known[os.path.abspath(run.out)] = train.identity_hash(run.identity)
+
+    def manifest(self):
+        """What the aggregator checks: every run asked for, with its identity hash."""
+        from train import identity_hash
+
+        return {"protocol": self.protocol, "backbone": self.settings.backbone, "seeds": self.settings.seeds,
+                "opts": self.settings.opts,
+                "runs": [{"path": os.path.relpath(r.out, self.root), "identity": identity_hash(r.identity)}
+                         for r in self.runs]}
+
+
 def base2new(settings):
     from datasets.catalog import get_entry
 
@@ -159,37 +210,29 @@ def base2new(settings):
     if not kept:
         raise UserError(f"no dataset in {settings.target} has {MIN_CLASSES_BASE2NEW} or more classes")
     preflight(settings, kept)
-    root = os.path.join(settings.output, "base2new", settings.backbone.replace("/", "-"))
-    run = Runner(settings, 2 * len(kept) * len(settings.methods) * len(settings.seeds))
+    plan = Plan("base2new", settings, os.path.join(settings.output, "base2new", settings.backbone.replace("/", "-")))
     for dataset in kept:
         for method in settings.methods:
+            kind = kind_of(method)
             recipe = "base2new"
-            for seed in settings.seeds:
-                base_dir = os.path.join(root, dataset, method, f"seed{seed}", "base")
-                new_dir = os.path.join(root, dataset, method, f"seed{seed}", "new")
+            shots = settings.base2new_shots if kind == "image-trained" else 0
+            # Zero-shot evaluation has no randomness: one seed.
+            for seed in settings.seeds[:1] if kind == "zero-shot" else settings.seeds:
+                folder = plan.folder(dataset, method, recipe, seed, shots)
+                base_dir, new_dir = os.path.join(folder, "base"), os.path.join(folder, "new")
                 args = common(settings, dataset, method, recipe, seed)
-                shots = [] if method in TEXT_ONLY else ["DATASET.NUM_SHOTS", str(settings.base2new_shots)]
-                if method == "ZeroShotCLIP":
-                    run(f"{method} {dataset} seed {seed} base", base_dir,
-                        [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "base"])
-                    run(f"{method} {dataset} seed {seed} new", new_dir,
-                        [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "new"])
+                name = f"{method} {dataset} seed {seed}"
+                if kind == "zero-shot":
+                    plan.group([plan.run(f"{name} base", base_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "base"]),
+                                plan.run(f"{name} new", new_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "new"])])
                     continue
-                run(f"{method} {dataset} seed {seed} train base", base_dir,
-                    [*args, *shots, "DATASET.SUBSAMPLE_CLASSES", "base"])
-                run(f"{method} {dataset} seed {seed} test new", new_dir,
-                    [*args, "--eval-only", "--model-dir", base_dir, "DATASET.SUBSAMPLE_CLASSES", "new"])
-    import aggregate
-
-    aggregate.report("base2new", root)
-
-
-def medprompt_run(settings, run, root, dataset, seed):
-    """A MedPromptCLIP specific-modal run (all classes): the 0-shot line and the prompts that stacking starts from."""
-    out = os.path.join(root, dataset, "MedPromptCLIP", "shots0", f"seed{seed}")
-    run(f"MedPromptCLIP {dataset} seed {seed}", out,
-        common(settings, dataset, "MedPromptCLIP", "fewshot", seed))
-    return out
+                shot_args = ["DATASET.NUM_SHOTS", str(shots)] if kind == "image-trained" else []
+                plan.group([
+                    plan.run(f"{name} train base", base_dir, [*args, *shot_args, "DATASET.SUBSAMPLE_CLASSES", "base"]),
+                    plan.run(f"{name} test new", new_dir,
+                             [*args, "--eval-only", "--model-dir", base_dir, "DATASET.SUBSAMPLE_CLASSES", "new"]),
+                ])
+    return plan
 
 
 def stacking_overrides(settings, dataset):
@@ -205,36 +248,38 @@ def stacking_overrides(settings, dataset):
 def fewshot(settings):
     names = datasets_of(settings.target)
     preflight(settings, names)
-    root = os.path.join(settings.output, "fewshot", settings.backbone.replace("/", "-"))
+    plan = Plan("fewshot", settings, os.path.join(settings.output, "fewshot", settings.backbone.replace("/", "-")))
     methods = ["CoOp", "MaPLe"]
-    reshape = {dataset: stacking_overrides(settings, dataset) for dataset in names}
-    per_dataset = len(settings.seeds) * (2 + (len(methods) + 1) * len(settings.shots))
-    run = Runner(settings, len(names) * per_dataset + len(settings.seeds) * sum(1 for d in names if reshape[d]))
     for dataset in names:
+        reshape = stacking_overrides(settings, dataset)
+        zs_seed = settings.seeds[0]  # zero-shot evaluation has no randomness: one seed
+        plan.group([plan.run(f"ZeroShotCLIP {dataset}", plan.folder(dataset, "ZeroShotCLIP", "fewshot", zs_seed),
+                             [*common(settings, dataset, "ZeroShotCLIP", "fewshot", zs_seed), "--eval-only"])])
         for seed in settings.seeds:
-            run(f"ZeroShotCLIP {dataset} seed {seed}", os.path.join(root, dataset, "ZeroShotCLIP", "shots0", f"seed{seed}"),
-                [*common(settings, dataset, "ZeroShotCLIP", "template", seed), "--eval-only"])
-            source = medprompt_run(settings, run, root, dataset, seed)
-            if reshape[dataset]:
-                # The 0-shot run's prompts do not fit the stacked recipe: the rows start from a MedPromptCLIP
+            # MedPromptCLIP on all classes: the 0-shot line, and the prompts stacking starts from when they fit.
+            source = plan.folder(dataset, "MedPromptCLIP", "fewshot", seed)
+            source_group = plan.group([plan.run(f"MedPromptCLIP {dataset} seed {seed}", source,
+                                                common(settings, dataset, "MedPromptCLIP", "fewshot", seed))])
+            if reshape:
+                # The 0-shot run's prompts do not fit the stacked recipe: the stacked rows start from a MedPromptCLIP
                 # run of the same recipe with the stacked recipe's text context (not evaluated, not a row).
-                source = os.path.join(root, dataset, "MedPromptCLIP-source", f"seed{seed}")
-                run(f"MedPromptCLIP {dataset} seed {seed} ({' '.join(reshape[dataset])})", source,
-                    [*common(settings, dataset, "MedPromptCLIP", "fewshot", seed), "TEST.NO_TEST", "True",
-                     *reshape[dataset]])
+                source = plan.folder(dataset, "MedPromptCLIP", "fewshot", seed, label="MedPromptCLIP-source")
+                source_group = plan.group([plan.run(
+                    f"MedPromptCLIP {dataset} seed {seed} ({' '.join(reshape)})", source,
+                    [*common(settings, dataset, "MedPromptCLIP", "fewshot", seed), "TEST.NO_TEST", "True", *reshape])])
             for method in methods:
                 for shots in settings.shots:
                     args = [*common(settings, dataset, method, "fewshot", seed, shots), "DATASET.NUM_SHOTS", str(shots)]
-                    run(f"{method} {dataset} {shots}-shot seed {seed}",
-                        os.path.join(root, dataset, method, f"shots{shots}", f"seed{seed}"), args)
+                    plan.group([plan.run(f"{method} {dataset} {shots}-shot seed {seed}",
+                                         plan.folder(dataset, method, "fewshot", seed, shots), args)])
             for shots in settings.shots:
                 stacked = [*common(settings, dataset, STACKED, "stacked", seed), "--init-from", source,
                            "DATASET.NUM_SHOTS", str(shots)]
-                run(f"{STACKED}+MedPromptCLIP {dataset} {shots}-shot seed {seed}",
-                    os.path.join(root, dataset, f"{STACKED}+MedPromptCLIP", f"shots{shots}", f"seed{seed}"), stacked)
-    import aggregate
-
-    aggregate.report("fewshot", root)
+                plan.group([plan.run(f"{STACKED}+MedPromptCLIP {dataset} {shots}-shot seed {seed}",
+                                     plan.folder(dataset, STACKED, "stacked", seed, shots,
+                                                 label=f"{STACKED}+MedPromptCLIP"), stacked)],
+                           after=[source_group])
+    return plan
 
 
 def crossmodal(settings, pool):
@@ -242,73 +287,190 @@ def crossmodal(settings, pool):
     datasets_of(pool)  # an unknown pool is an error before anything runs
     preflight(settings, names)
     root = os.path.join(settings.output, "crossmodal", settings.backbone.replace("/", "-"), f"pool-{pool}")
-    run = Runner(settings, len(settings.seeds) * (1 + 3 * len(names)))
+    plan = Plan("crossmodal", settings, root)
+    zs_seed = settings.seeds[0]  # zero-shot evaluation has no randomness: one seed
+    for dataset in names:
+        plan.group([plan.run(f"ZeroShotCLIP {mode} {dataset}", plan.folder(dataset, "ZeroShotCLIP", mode, zs_seed),
+                             [*common(settings, dataset, "ZeroShotCLIP", mode, zs_seed), "--eval-only"])
+                    for mode in ("template", "descriptions")])
     for seed in settings.seeds:
-        source = os.path.join(root, "train", f"seed{seed}")
         # Training reads no image: the first target dataset only gives the run a dataset to name.
-        run(f"MedPromptCLIP pool {pool} seed {seed}", source,
+        source = plan.folder("train", "MedPromptCLIP", "multi_modal", seed)
+        train_group = plan.group([plan.run(
+            f"MedPromptCLIP pool {pool} seed {seed}", source,
             [*common(settings, names[0], "MedPromptCLIP", "multi_modal", seed), "TEST.NO_TEST", "True",
-             "TRAINER.MEDPROMPTCLIP.DESCRIPTION_SOURCES", f"['{pool}']"])
+             "TRAINER.MEDPROMPTCLIP.DESCRIPTION_SOURCES", f"['{pool}']"])])
         for dataset in names:
-            zs = os.path.join(root, dataset, "ZeroShotCLIP-template", f"seed{seed}")
-            run(f"ZeroShotCLIP template {dataset} seed {seed}", zs,
-                [*common(settings, dataset, "ZeroShotCLIP", "template", seed), "--eval-only"])
-            ds = os.path.join(root, dataset, "ZeroShotCLIP-descriptions", f"seed{seed}")
-            run(f"ZeroShotCLIP descriptions {dataset} seed {seed}", ds,
-                [*common(settings, dataset, "ZeroShotCLIP", "descriptions", seed), "--eval-only"])
-            mp = os.path.join(root, dataset, "MedPromptCLIP", f"seed{seed}")
-            run(f"MedPromptCLIP (pool {pool}) on {dataset} seed {seed}", mp,
-                [*common(settings, dataset, "MedPromptCLIP", "multi_modal", seed), "--eval-only", "--model-dir", source])
-    import aggregate
-
-    aggregate.report("crossmodal", root)
+            plan.group([plan.run(
+                f"MedPromptCLIP (pool {pool}) on {dataset} seed {seed}",
+                plan.folder(dataset, "MedPromptCLIP", "multi_modal", seed),
+                [*common(settings, dataset, "MedPromptCLIP", "multi_modal", seed), "--eval-only", "--model-dir", source],
+            )], after=[train_group])
+    return plan
 
 
 def zeroshot(settings):
     names = datasets_of(settings.target)
     preflight(settings, names)
-    root = os.path.join(settings.output, "zeroshot", settings.backbone.replace("/", "-"))
-    modes = ["template", "ensemble", "descriptions"]
-    run = Runner(settings, len(names) * len(modes))
+    plan = Plan("zeroshot", settings, os.path.join(settings.output, "zeroshot", settings.backbone.replace("/", "-")))
+    seed = settings.seeds[0]  # zero-shot evaluation has no randomness: one run per prompt mode
     for dataset in names:
-        for mode in modes:
-            # Zero-shot evaluation has no randomness: one run per prompt mode.
-            run(f"ZeroShotCLIP {mode} {dataset}", os.path.join(root, dataset, f"ZeroShotCLIP-{mode}", "seed1"),
-                [*common(settings, dataset, "ZeroShotCLIP", mode, 1), "--eval-only"])
-    import aggregate
+        for mode in ("template", "ensemble", "descriptions"):
+            plan.group([plan.run(f"ZeroShotCLIP {mode} {dataset}", plan.folder(dataset, "ZeroShotCLIP", mode, seed),
+                                 [*common(settings, dataset, "ZeroShotCLIP", mode, seed), "--eval-only"])])
+    return plan
 
-    aggregate.report("zeroshot", root)
+
+class Progress:
+    """One line per run event and a bar over the runs (elapsed time and ETA)."""
+
+    def __init__(self, total):
+        from tqdm import tqdm
+
+        self.total = total
+        self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, kind, run, **extra):
+        from tqdm import tqdm
+
+        log = os.path.join(run.out, "log.txt") if run is not None else ""
+        if kind == "start":
+            line = f"start  {run.label}  (log: {log})"
+        elif kind == "reused":
+            line = f"reused {run.label}: done before"
+        elif kind == "done":
+            line = f"done   {run.label}" + (f" in {extra['seconds']:.0f}s" if "seconds" in extra else "")
+        elif kind == "failed":
+            line = f"FAILED {run.label}: {extra['message']} (log: {log})"
+        elif kind == "waiting":
+            line = f"wait   {run.label}: another process ({extra['owner']}) is running it"
+        elif kind == "replaced":
+            line = f"rerun  {run.label}: {extra['reason']}; the old files are in {extra['moved']}"
+        elif kind == "submitted":
+            line = f"queued {run.label} as job {extra['job']}  (log: {log})"
+        else:
+            line = f"error: a worker stopped: {extra.get('message')}"
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+        if kind in ("reused", "done", "failed"):
+            self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+def execute(plan, launcher):
+    """Run (or reuse) every run of the plan with the launcher; True if all succeeded."""
+    from core.utils import write_json_atomic
+
+    write_json_atomic(os.path.join(plan.root, MANIFEST), plan.manifest())
+    kind, workers = launcher
+    progress = Progress(len(plan.runs))
+    try:
+        if kind == "slurm":
+            return launch_slurm(plan.groups, progress, plan.root)
+        if workers > 1:
+            return launch_pool(plan.groups, progress, workers)
+        return launch_local(plan.groups, progress)
+    finally:
+        progress.close()
+
+
+def status(plan):
+    """Print how many runs are done, running, failed and pending, and the runs that are not done."""
+    counts = {"done": 0, "running": 0, "failed": 0, "pending": 0}
+    lines = []
+    for run in plan.runs:
+        state, detail = run_state(run)
+        owner = lock_state(run) if state != "done" else None
+        if state == "done":
+            counts["done"] += 1
+            continue
+        if owner:
+            counts["running"] += 1
+            lines.append(f"running  {run.label}  (pid {owner.get('pid')} on {owner.get('host')}; log: {run.out}/log.txt)")
+        elif os.path.isfile(os.path.join(run.out, FAILED_FILE)):
+            counts["failed"] += 1
+            with open(os.path.join(run.out, FAILED_FILE), encoding="utf-8") as f:
+                lines.append(f"failed   {run.label}: {f.read().strip()}  (log: {run.out}/log.txt)")
+        else:
+            counts["pending"] += 1
+            lines.append(f"pending  {run.label}" + (f"  ({detail})" if detail else ""))
+    print(f"{plan.protocol} {plan.settings.target} under {plan.root}: {len(plan.runs)} runs: "
+          + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    for line in lines:
+        print("  " + line)
+
+
+def run_group_file(path):
+    """Worker mode (one SLURM job): execute the group described in a JSON file; exit 1 if a run failed."""
+    from core.utils import read_json
+    from trainers._backbones import keep_loaded_backbones
+
+    group = Group.from_dict(read_json(path, what="run group"))
+
+    def emit(kind, run, **extra):
+        print(f"{kind}: {run.label} {extra or ''}".rstrip(), flush=True)
+
+    with keep_loaded_backbones():
+        return 0 if execute_group(group, emit) else 1
+
+
+PROTOCOLS = {"base2new": base2new, "fewshot": fewshot, "crossmodal": crossmodal, "zeroshot": zeroshot}
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("base2new", "fewshot", "crossmodal", "zeroshot") or len(argv) < 2:
-        print(__doc__, file=sys.stderr)
-        return 2
-    protocol, target = argv[0], argv[1]
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        import datasets  # noqa: F401
+        if len(argv) == 2 and argv[0] == "--run-group":
+            return run_group_file(argv[1])
+        show_status = "--status" in argv
+        if show_status:
+            argv.remove("--status")
+        if not argv or argv[0] not in PROTOCOLS or len(argv) < 2:
+            print(__doc__, file=sys.stderr)
+            return 2
+        protocol, target = argv[0], argv[1]
         import trainers
         from datasets.declared import lookup
 
         trainers.register_all()
+        from core.engine import TRAINER_REGISTRY
+
         settings = Settings(target)
         lookup(target, settings.data)  # a dataset declared in DATA/<target>/ becomes known by name
-        unknown = [m for m in settings.methods if m not in __import__("core.engine").engine.TRAINER_REGISTRY]
+        launcher = parse_launcher(settings.launcher)
+        unknown = [m for m in settings.methods if m not in TRAINER_REGISTRY]
         if unknown:
             raise UserError(f"unknown method(s) in METHODS: {', '.join(unknown)}")
-        if protocol == "base2new":
-            base2new(settings)
-        elif protocol == "fewshot":
-            fewshot(settings)
-        elif protocol == "crossmodal":
-            crossmodal(settings, argv[2] if len(argv) > 2 else target)
+        if protocol == "crossmodal":
+            plan = crossmodal(settings, argv[2] if len(argv) > 2 else target)
         else:
-            zeroshot(settings)
+            plan = PROTOCOLS[protocol](settings)
+        plan.resolve()
+        if show_status:
+            status(plan)
+            return 0
+        ok = execute(plan, launcher)
+        import aggregate
+
+        try:
+            data = aggregate.report(protocol, plan.root, manifest=plan.manifest())
+        except UserError as e:
+            if ok:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            data = None
+        if not ok:
+            print("error: some runs failed (FAILED lines above, details in their log.txt); fix the cause and "
+                  "rerun: finished runs are reused", file=sys.stderr)
+        return 0 if ok and data and not data["problems"] else 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import copy
 import glob
+import dataclasses
 import json
 import logging
 import os
 import socket
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -356,8 +359,46 @@ def _hub_identity(repo_id, cache_dir):
     return identity
 
 
+# Backbones kept in memory by keep_loaded_backbones(): (name, pretrained, cache_dir, device) -> Backbone.
+# None (the default) keeps nothing, so a single run holds one copy of its model.
+_loaded = None
+
+
+@contextmanager
+def keep_loaded_backbones(max_models=2):
+    """Within the block, load_backbone builds each backbone once and hands out fresh copies.
+
+    For processes that run many runs (sweeps): building a model (reading weights, initializing
+    modules) is paid once. Each caller gets its own deep copy, since trainers move the model to
+    their device and precision in place. At most ``max_models`` are kept, least recently used first out.
+    """
+    global _loaded
+    outer, _loaded = _loaded, (_loaded if _loaded is not None else OrderedDict())
+    _loaded.max_models = max_models if outer is None else max(max_models, outer.max_models)
+    try:
+        yield
+    finally:
+        if outer is None:
+            _loaded = None
+
+
 def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
-    """Build a backbone in eval mode with every parameter frozen."""
+    """Build a backbone in eval mode with every parameter frozen (a fresh copy under keep_loaded_backbones)."""
+    if _loaded is None:
+        return _build_backbone(name, pretrained, cache_dir, device)
+    key = (name, pretrained or "", cache_dir or "", str(device))
+    if key in _loaded:
+        _loaded.move_to_end(key)
+        logger.info(f"backbone {name}: already loaded in this process")
+    else:
+        _loaded[key] = _build_backbone(name, pretrained, cache_dir, device)
+        while len(_loaded) > _loaded.max_models:
+            _loaded.popitem(last=False)
+    kept = _loaded[key]
+    return dataclasses.replace(kept, model=copy.deepcopy(kept.model))
+
+
+def _build_backbone(name, pretrained, cache_dir, device):
     import open_clip
 
     spec = check_backbone(name, pretrained, cache_dir)

@@ -90,6 +90,7 @@ class TextPairLoader:
 @TRAINER_REGISTRY.register()
 class MedPromptCLIP(CLIPTrainer):
     cfg_key = "MEDPROMPTCLIP"
+    kind = "text-only"
     uses_frozen_image_features = True
 
     def check_cfg(self, cfg):

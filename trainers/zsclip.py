@@ -42,7 +42,11 @@ def mean_features(feats, groups):
 @TRAINER_REGISTRY.register()
 class ZeroShotCLIP(CLIPTrainer):
     cfg_key = "ZEROSHOTCLIP"
+    kind = "zero-shot"
     uses_frozen_image_features = True
+
+    def method_label(self):
+        return f"ZeroShotCLIP ({self.tcfg.PROMPT})"
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
