@@ -100,7 +100,9 @@ def setup_cfg(args):
 
 
 # Settings that change where a run writes or how much it logs, not what it computes: left out of its identity.
-NOT_IDENTITY = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "DEVICE", "VERBOSE", "TRAIN.PRINT_FREQ")
+# Settings that change where and how fast a run computes, not what it computes.
+NOT_IDENTITY = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "DEVICE", "VERBOSE", "TRAIN.PRINT_FREQ", "NUM_THREADS",
+                "DATALOADER.NUM_WORKERS", "TEST.FEATURE_CACHE")
 
 
 def run_identity(cfg, args, known=None):
