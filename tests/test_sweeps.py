@@ -13,6 +13,7 @@ from conftest import PROJECT_DIR
 sys.path.insert(0, os.path.join(PROJECT_DIR, "scripts"))
 import aggregate  # noqa: E402
 import sweep  # noqa: E402,F401
+from trainers.recipes import recipe_file  # noqa: E402
 
 
 def write_result(root, dataset, method, seed, subsample, accuracy, trainer=None, shots=-1, folder=None, kind=None):
@@ -196,7 +197,8 @@ def test_base2new_sweep_reuses_only_matching_complete_runs(tmp_path, demo_root):
     assert len(list(runs.rglob("results.json"))) == 10
     assert first.stdout.count("start  ") == 10 and "10/10" in first.stderr  # a line per run, a bar over runs
     tag = sweep.opts_tag(["OPTIM.MAX_EPOCH", "1"])
-    coop_base = runs / "shots_16" / "CoOp" / f"base2new-{tag}" / "seed1" / "base"
+    recipe = os.path.splitext(os.path.basename(recipe_file("CoOp", "base2new", "demo")))[0]
+    coop_base = runs / "shots_16" / "CoOp" / f"{recipe}-{tag}" / "seed1" / "base"
     assert f"start  CoOp demo seed 1 train base  (log: {coop_base / 'log.txt'})" in first.stdout
     coop = json.loads((coop_base / "results.json").read_text())
     assert coop["num_shots"] == 16 and coop["subsample"] == "base" and coop["method"] == "CoOp"
@@ -311,8 +313,9 @@ def test_fewshot_sweep_stacks_the_papers_ivlp_setting_on_a_reshaped_source(tmp_p
     proc = run_sweep("fewshot", "demo", env)
     assert proc.returncode == 0, proc.stderr
     runs = tmp_path / "fewshot" / "tiny-clip" / "demo"
-    stacked = json.loads((runs / "IVLP+MedPromptCLIP" / "shots1" / "seed1" / "results.json").read_text())
-    source = runs / "MedPromptCLIP-source" / "seed1"
+    (stacked_dir,) = runs.glob("shots_1/IVLP+MedPromptCLIP/*/seed1")
+    stacked = json.loads((stacked_dir / "results.json").read_text())
+    (source,) = runs.glob("shots_0/MedPromptCLIP-source/*/seed1")
     assert stacked["init_from"]["checkpoint"].startswith(str(source))
     assert stacked["config"]["TRAINER"]["IVLP"]["N_CTX_TEXT"] == 4
     assert json.loads((source / "results.json").read_text())["config"]["TRAINER"]["MEDPROMPTCLIP"]["N_CTX"] == 4

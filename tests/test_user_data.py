@@ -124,15 +124,16 @@ def test_folder_dataset_from_tree_to_base2new_table(tmp_path):
     sweep = subprocess.run(["bash", "scripts/base2new.sh", "MyScans"], cwd=PROJECT_DIR, capture_output=True,
                            text=True, env=env, timeout=600)
     assert sweep.returncode == 0, sweep.stderr
-    table = sweep.stdout.split("MyScans (accuracy %", 1)[1]
+    table = sweep.stdout.split("MyScans: base-to-new", 1)[1]
     for method in ("MedPromptCLIP", "CoOp", "ZeroShotCLIP"):
         assert method in table
     runs = tmp_path / "out" / "base2new" / "tiny-clip" / "MyScans"
-    coop = read_results(runs / "CoOp" / "seed1" / "base")
+    (coop_dir,) = runs.glob("shots_*/CoOp/*/seed1/base")
+    coop = read_results(coop_dir)
     assert coop["split_source"] == "own" and coop["split_sha256"] == load_split_file(str(folder / "data_split.json"))[1]
     assert coop["dataset_declared_in"] == str(folder / "dataset.yaml")
     assert coop["classnames"] == ["calm", "dark"]  # sorted folders, first half
-    log = (runs / "CoOp" / "seed1" / "base" / "log.txt").read_text()
+    log = (coop_dir / "log.txt").read_text()
     assert "class 'calm' has 4 training image(s), all 4 used" in log
 
 
