@@ -366,6 +366,9 @@ def launch_pool(groups, emit, workers):
     gpus = _visible_gpus()
     procs = []
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    saved_parallel = os.environ.get("MEDPROMPTCLIP_PARALLEL_RUNS")
+    # The workers share the machine's cores: each sizes its threads and loader workers to its part.
+    os.environ.setdefault("MEDPROMPTCLIP_PARALLEL_RUNS", str(workers))
     try:
         for i in range(workers):
             if len(gpus) > 1:
@@ -378,6 +381,8 @@ def launch_pool(groups, emit, workers):
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        if saved_parallel is None:
+            os.environ.pop("MEDPROMPTCLIP_PARALLEL_RUNS", None)
     finished, failed, started = set(), set(), set()
     try:
         while len(finished) < len(groups):
