@@ -114,6 +114,12 @@ def harmonic_mean(base, new):
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
+def grid(table, headers, tablefmt):
+    """A table with its cells as written (one decimal kept), labels left and numbers right."""
+    return tabulate(table, headers=headers, tablefmt=tablefmt, disable_numparse=True,
+                    colalign=("left",) + ("right",) * (len(headers) - 1))
+
+
 def fmt(m, sd=None):
     if m is None:
         return "-"
@@ -194,13 +200,13 @@ def base2new_tables(rows, averages, records, context, tablefmt="simple"):
         split_name = next((d[0] for d in halves if d), "test")
         out.append(f"{dataset}: base-to-new, {context}, {split_name} split ({split}); "
                    f"accuracy %, mean ± std over seeds\n"
-                   + tabulate(table, headers=["method", "base", "new", "HM", "seeds"], tablefmt=tablefmt))
+                   + grid(table, ["method", "base", "new", "HM", "seeds"], tablefmt))
     order = method_order([a["method"] for a in averages], kinds)
     averages = sorted(averages, key=lambda a: order.index(a["method"]))
     table = [[a["method"], fmt(a["base"]), fmt(a["new"]), fmt(a["hm_of_averages"]), fmt(a["mean_of_hms"]), a["datasets"]]
              for a in averages]
     out.append("Average over datasets (HM of the averaged base/new, and mean of per-dataset HMs)\n"
-               + tabulate(table, headers=["method", "base", "new", "HM(avg)", "mean HM", "datasets"], tablefmt=tablefmt))
+               + grid(table, ["method", "base", "new", "HM(avg)", "mean HM", "datasets"], tablefmt))
     return "\n\n".join(out)
 
 
@@ -259,7 +265,7 @@ def fewshot_tables(rows, records, context, tablefmt="simple"):
         where = describe(records, dataset)
         split = f", {where[0]} split ({where[1]} images)" if where else ""
         out.append(f"{dataset}: few-shot, {context}{split}; accuracy %, mean ± std over seeds\n"
-                   + tabulate(table, headers=["method", *[f"{k} shots" for k in shots]], tablefmt=tablefmt))
+                   + grid(table, ["method", *[f"{k} shots" for k in shots]], tablefmt))
     return "\n\n".join(out)
 
 
@@ -334,7 +340,7 @@ def per_dataset_table(rows, context, tablefmt="simple"):
     averages = [mean_std([cell[(d, m)]["accuracy"] for d in datasets if (d, m) in cell])[0] for m in methods]
     table.append(["average", *[fmt(a) for a in averages]])
     return (f"{context}; accuracy % (mean ± std over seeds)\n"
-            + tabulate(table, headers=["dataset", *methods], tablefmt=tablefmt))
+            + grid(table, ["dataset", *methods], tablefmt))
 
 
 # ---------------------------------------------------------------------------- output
