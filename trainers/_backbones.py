@@ -102,7 +102,7 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _require_hub_files(display, repo_id, cache_dir):
+def _require_hub_files(display, repo_id, cache_dir, file_option=""):
     """Fail within seconds, naming the files, if a hub model is neither cached nor downloadable."""
     have_cfg = _hf_cached(repo_id, ["open_clip_config.json"], cache_dir)
     have_weights = _hf_cached(repo_id, WEIGHT_FILES, cache_dir)
@@ -114,7 +114,7 @@ def _require_hub_files(display, repo_id, cache_dir):
         f"backbone '{display}': weights of hf-hub:{repo_id} are not on disk and the Hugging Face hub cannot be "
         f"reached; download open_clip_config.json, {WEIGHT_FILES[1]} and the tokenizer files from "
         f"https://huggingface.co/{repo_id} into a folder and set MODEL.BACKBONE.NAME to that folder "
-        f"(or fill the Hugging Face cache, HF_HOME, on a machine with internet)"
+        f"(or fill the Hugging Face cache, HF_HOME, on a machine with internet){file_option}"
     )
 
 
@@ -315,7 +315,11 @@ def check_backbone(name, pretrained="", cache_dir=""):
         if spec["weights"] and not os.path.isfile(spec["weights"]):
             raise UserError(f"weights file for backbone '{name}' not found: {spec['weights']}")
     elif "hub" in spec:
-        _require_hub_files(name, spec["hub"][len("hf-hub:"):], cache_dir)
+        # Aliases that also take a weights file (pmc-clip: the original pmc_vit_l_14_weights.pt) say so.
+        file_option = ("; or give the weights file you have: MODEL.BACKBONE.PRETRAINED /path/to/weights.pt "
+                       "(for pmc-clip, the original pmc_vit_l_14_weights.pt)"
+                       if ALIASES.get(name.lower(), {}).get("file_arch") else "")
+        _require_hub_files(name, spec["hub"][len("hf-hub:"):], cache_dir, file_option)
     elif "local" in spec:
         from open_clip.factory import _find_checkpoint_in_dir
 
