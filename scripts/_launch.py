@@ -291,6 +291,20 @@ def blocked_by_failure(group, failed):
     return any(d in failed for d in group.after)
 
 
+def groups_to_start(groups, finished, started, failed, emit):
+    """The groups whose dependencies have finished, each marked started; a group that needs a failed
+    one is not started but reported and counted as failed."""
+    for group in ready_groups(groups, finished, started):
+        started.add(group.name)
+        if blocked_by_failure(group, failed):
+            for run in group.runs:
+                emit("failed", run, message="not run: a run it needs failed")
+            finished.add(group.name)
+            failed.add(group.name)
+            continue
+        yield group
+
+
 def launch_local(groups, emit):
     """Every group in this process, in order; each backbone is loaded once."""
     from trainers._backbones import keep_loaded_backbones
@@ -386,15 +400,8 @@ def launch_pool(groups, emit, workers):
     finished, failed, started = set(), set(), set()
     try:
         while len(finished) < len(groups):
-            for group in ready_groups(groups, finished, started):
-                started.add(group.name)
-                if blocked_by_failure(group, failed):
-                    for run in group.runs:
-                        emit("failed", run, message="not run: a run it needs failed")
-                    finished.add(group.name)
-                    failed.add(group.name)
-                else:
-                    tasks.put(group.to_dict())
+            for group in groups_to_start(groups, finished, started, failed, emit):
+                tasks.put(group.to_dict())
             if len(finished) == len(groups):
                 break
             try:
@@ -463,14 +470,7 @@ def launch_slurm(groups, emit, root):
     jobs = {}
     while len(finished) < len(groups):
         batch = []
-        for group in ready_groups(groups, finished, started):
-            started.add(group.name)
-            if blocked_by_failure(group, failed):
-                for run in group.runs:
-                    emit("failed", run, message="not run: a run it needs failed")
-                finished.add(group.name)
-                failed.add(group.name)
-                continue
+        for group in groups_to_start(groups, finished, started, failed, emit):
             spec = os.path.join(spec_dir, f"{len(started):05d}.json")
             write_json_atomic(spec, group.to_dict())
             batch.append((group, CommandFunction([sys.executable, sweep, "--run-group", spec], verbose=True)))
