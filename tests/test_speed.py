@@ -1,5 +1,4 @@
 """Threads, loader workers and decoded few-shot images: settings that make runs fit the machine."""
-import os
 
 import pytest
 import torch
