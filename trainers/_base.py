@@ -153,10 +153,8 @@ class CLIPTrainer(TrainerX):
     def cache_key(self):
         """What frozen features depend on besides their inputs: backbone, precision, device type."""
         if "_cache_key" not in self.__dict__:
-            b = self.cfg.MODEL.BACKBONE
             self._cache_key = {
-                "backbone": backbone_identity(self.backbone, b.PRETRAINED, b.CACHE_DIR,
-                                              self.feature_cache and os.path.join(self.feature_cache.root, "file_sha256")),
+                "backbone": backbone_identity(self.backbone),
                 "precision": self.prec, "device": self.device.type,
             }
         return self._cache_key

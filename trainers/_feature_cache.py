@@ -44,39 +44,21 @@ def resolve_cache_dir(setting, output_dir):
     return os.path.join(out, "feature_cache")
 
 
-def sha256_file(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def backbone_identity(backbone):
+    """What makes a backbone's features what they are: a JSON-able dict.
 
+    The identity the backbone was loaded with (name, weights file and its sha256, or the hub
+    blob's sha256, and the architecture). Models without a weights file are random-weight
+    configs drawn the same way every run by a given torch and open_clip, or open_clip
+    pretrained tags whose files are not hashed: a digest of their parameters stands in.
+    """
+    ident = dict(backbone.identity)
+    if not ident.get("weights_sha256"):
+        import open_clip
 
-def _weights_file(spec):
-    """The weights file a backbone spec loads from, if it is a file on disk."""
-    if spec.get("weights") and os.path.isfile(spec["weights"]):
-        return spec["weights"]
-    if spec.get("local"):
-        from pathlib import Path
-
-        from open_clip.factory import _find_checkpoint_in_dir
-
-        found = _find_checkpoint_in_dir(Path(spec["local"]))
-        return str(found) if found else None
-    if spec.get("pretrained") and os.path.isfile(str(spec["pretrained"])):
-        return spec["pretrained"]
-    return None
-
-
-def _hub_revision(repo_id, cache_dir=None):
-    """The commit of a cached hub snapshot (the folder open_clip loads from), or None."""
-    from ._backbones import WEIGHT_FILES, _hf_cached
-
-    path = _hf_cached(repo_id, WEIGHT_FILES, cache_dir)
-    if not path:
-        return None
-    parts = os.path.normpath(path).split(os.sep)
-    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else sha256_file(path)
+        ident["random_init"] = {"torch": torch.__version__, "open_clip": open_clip.__version__}
+        ident["parameters_sha256"] = parameter_fingerprint(backbone.model)
+    return ident
 
 
 def parameter_fingerprint(model):
@@ -86,69 +68,6 @@ def parameter_fingerprint(model):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def memo_sha256(path, memo_dir=None):
-    """sha256 of a (large) file, remembered in ``memo_dir`` by path, size and modification time."""
-    if not memo_dir:
-        return sha256_file(path)
-    st = os.stat(path)
-    name = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    memo = os.path.join(memo_dir, name)
-    try:
-        with open(memo, encoding="ascii") as f:
-            value = f.read().strip()
-        if len(value) == 64:
-            return value
-    except OSError:
-        pass
-    value = sha256_file(path)
-    try:
-        with atomic_open(memo, "w", encoding="ascii") as f:
-            f.write(value + "\n")
-    except OSError:
-        pass
-    return value
-
-
-def backbone_identity(backbone, pretrained="", cache_dir="", memo_dir=None):
-    """What makes a backbone's features what they are: a JSON-able dict.
-
-    An ``identity`` attribute on the backbone that names its weights' sha256 is used as is. Otherwise:
-    the name, plus the weights file's sha256 (local files), the hub snapshot revision
-    (hub models), or for random-weight configs the config file's sha256 and the library
-    versions that draw the weights.
-    """
-    given = getattr(backbone, "identity", None)
-    if given and given.get("weights_sha256"):
-        return {"identity": given}
-    from ._backbones import resolve_spec
-
-    spec = resolve_spec(backbone.name, pretrained)
-    ident = {"name": backbone.name}
-    weights = _weights_file(spec)
-    if weights:
-        ident["weights_sha256"] = memo_sha256(weights, memo_dir)
-    if spec.get("config"):
-        import open_clip
-
-        ident["config_sha256"] = sha256_file(spec["config"])
-        if not weights:
-            ident["random_init"] = {"torch": torch.__version__, "open_clip": open_clip.__version__}
-    if not weights and not spec.get("config"):
-        repo = spec["hub"][len("hf-hub:"):] if spec.get("hub") else None
-        if spec.get("arch"):
-            import open_clip
-
-            pcfg = open_clip.get_pretrained_cfg(spec["arch"], spec.get("pretrained") or "") or {}
-            repo = (pcfg.get("hf_hub") or "").strip("/") or None
-            ident["pretrained"] = spec.get("pretrained")
-        revision = _hub_revision(repo, cache_dir or None) if repo else None
-        if revision:
-            ident["hub"], ident["revision"] = repo, revision
-        else:
-            ident["parameters_sha256"] = parameter_fingerprint(backbone.model)
-    return ident
 
 
 def digest(obj):
