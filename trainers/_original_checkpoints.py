@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.checkpoint import read_pointer
 from core.errors import UserError
 from core.utils import logger
 
@@ -139,14 +140,9 @@ def _pick_file(model_dir, epoch):
         if not os.path.isfile(path):
             raise UserError(f"no checkpoint of epoch {epoch} in {model_dir} (expected {path})")
         return path
-    pointer = os.path.join(model_dir, "checkpoint")
-    if os.path.isfile(pointer):
-        with open(pointer, encoding="utf-8", errors="replace") as f:
-            name = f.read().strip()
-        # Only a file in the folder itself: a pointer cannot send the loader elsewhere.
-        if name and os.path.basename(name) == name and name not in (".", "..") \
-                and os.path.isfile(os.path.join(model_dir, name)):
-            return os.path.join(model_dir, name)
+    named = read_pointer(model_dir)  # only a file of the folder itself
+    if named and os.path.isfile(named):
+        return named
     epochs = sorted(int(m[1]) for m in (re.fullmatch(r"model\.pth\.tar-(\d+)", n) for n in os.listdir(model_dir)) if m)
     if epochs:
         return os.path.join(model_dir, f"model.pth.tar-{epochs[-1]}")
