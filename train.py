@@ -202,7 +202,7 @@ def check_early(args, cfg=None):
         if light.DATASET.NAME and not (path and is_declaration(path)):
             entry_for_cfg(light)
         return
-    from trainers._backbones import check_backbone
+    from clipkit.backbones import check_backbone
 
     entry_for_cfg(cfg)
     check_backbone(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.PRETRAINED, cfg.MODEL.BACKBONE.CACHE_DIR)

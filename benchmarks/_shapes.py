@@ -26,7 +26,7 @@ def register(folder=None):
     """Write the configs into ``folder`` (a new temporary one by default) and add the aliases."""
     import open_clip
 
-    from trainers._backbones import ALIASES
+    from clipkit.backbones import ALIASES
 
     folder = folder or tempfile.mkdtemp(prefix="bench-backbones-")
     configs = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")

@@ -35,7 +35,7 @@ def reference_loss_and_backward(trainer, class_rows, description_rows):
     for c, d in zip(class_rows.tolist(), description_rows.tolist()):
         tokens = trainer.train_tokens.select([c])
         emb = te.embed(tokens.ids)
-        from trainers._prompt_layer import place
+        from clipkit.prompt_layer import place
 
         emb = place(emb, tokens.ctx_mask, learner.ctx)
         prompted = F.normalize(te(emb, tokens.ids, tokens.ctx_mask, list(learner.deep_ctx), truncate=False).float(), dim=-1)

@@ -39,7 +39,7 @@ def memory_child(truncate, work):
 
     import torch
 
-    from trainers._prompt_layer import TextEncoder
+    from clipkit.prompt_layer import TextEncoder
 
     if not truncate:
         TextEncoder.forward = functools.partialmethod(TextEncoder.forward, truncate=False)
@@ -78,9 +78,9 @@ def memory_child(truncate, work):
 def time_prompts(name, repeats):
     import torch
 
-    from trainers._backbones import load_backbone
+    from clipkit.backbones import load_backbone
     from datasets.catalog import DEMO
-    from trainers._prompt_layer import PromptLearner, PromptTokenizer, TextEncoder, place
+    from clipkit.prompt_layer import PromptLearner, PromptTokenizer, TextEncoder, place
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bb = load_backbone(name)

@@ -307,7 +307,7 @@ def groups_to_start(groups, finished, started, failed, emit):
 
 def launch_local(groups, emit):
     """Every group in this process, in order; each backbone is loaded once."""
-    from trainers._backbones import keep_loaded_backbones
+    from clipkit.backbones import keep_loaded_backbones
 
     finished, failed = set(), set()
     with keep_loaded_backbones():
@@ -347,7 +347,7 @@ def pool_worker(index, workers, tasks, events):
 
         # Workers share the machine's cores: more threads than that would only contend.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    from trainers._backbones import keep_loaded_backbones
+    from clipkit.backbones import keep_loaded_backbones
 
     def emit(kind, run, **extra):
         events.put((kind, asdict(run), extra))

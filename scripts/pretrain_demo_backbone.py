@@ -46,8 +46,8 @@ from torchvision import transforms as T  # noqa: E402
 from core.utils import atomic_open, read_json  # noqa: E402
 from datasets.catalog import DEMO, readable_classname  # noqa: E402
 from datasets.demo import CLASS_LOOKS, IMAGE_SIZE, draw_background, draw_image, generate_demo  # noqa: E402
-from trainers._backbones import BACKBONE_CONFIG_DIR, _build_from_config  # noqa: E402
-from trainers._descriptions import load_descriptions  # noqa: E402
+from clipkit.backbones import BACKBONE_CONFIG_DIR, _build_from_config  # noqa: E402
+from clipkit.descriptions import load_descriptions  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(BACKBONE_CONFIG_DIR, "demo-clip.json")
 DEFAULT_OUT = os.path.join(BACKBONE_CONFIG_DIR, "demo-clip", "demo-clip.safetensors")

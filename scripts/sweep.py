@@ -73,8 +73,8 @@ def preflight(settings, names):
     """Stop before training anything if a dataset folder or the backbone's weights are missing."""
     from datasets.catalog import get_entry
     from datasets.split_files import image_folder, image_presence, load_split_file, locate_split
-    from trainers._backbones import check_backbone
-    from trainers._descriptions import descriptions_path
+    from clipkit.backbones import check_backbone
+    from clipkit.descriptions import descriptions_path
 
     problems = []
     for name in names:
@@ -405,7 +405,7 @@ def status(plan):
 def run_group_file(path):
     """Worker mode (one SLURM job): execute the group described in a JSON file; exit 1 if a run failed."""
     from core.utils import read_json
-    from trainers._backbones import keep_loaded_backbones
+    from clipkit.backbones import keep_loaded_backbones
 
     group = Group.from_dict(read_json(path, what="run group"))
 

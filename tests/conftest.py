@@ -25,7 +25,7 @@ TINY_BACKBONES = ("tiny-clip", "tiny-bert-clip")
 
 @pytest.fixture(scope="session")
 def backbones():
-    from trainers._backbones import load_backbone
+    from clipkit.backbones import load_backbone
 
     cache = {}
 

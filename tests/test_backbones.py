@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_BACKBONES
 from core.errors import UserError
-from trainers._backbones import load_backbone, resolve_spec
+from clipkit.backbones import load_backbone, resolve_spec
 
 
 @pytest.mark.parametrize("name", TINY_BACKBONES)
@@ -47,7 +47,7 @@ def test_local_folder_needs_open_clip_config(tmp_path):
 
 
 def test_half_precision_towers_take_float_images():
-    from trainers._prompt_layer import ImageEncoder
+    from clipkit.prompt_layer import ImageEncoder
 
     bb = load_backbone("tiny-clip")
     bb.model.half()
@@ -62,7 +62,7 @@ def test_local_model_folder_with_bert_text_tower(tmp_path):
     import json
     import shutil
 
-    from trainers._backbones import BACKBONE_CONFIG_DIR
+    from clipkit.backbones import BACKBONE_CONFIG_DIR
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from conftest import DEMO_CFG, PROJECT_DIR, read_results, recipe, run_train
 from datasets.catalog import DEMO, readable_classname
 from datasets.demo import CLASS_LOOKS, SPLIT_SIZES
-from trainers._backbones import load_backbone
-from trainers._descriptions import load_descriptions
+from clipkit.backbones import load_backbone
+from clipkit.descriptions import load_descriptions
 
 SCRIPT = os.path.join(PROJECT_DIR, "scripts", "pretrain_demo_backbone.py")
 _spec = importlib.util.spec_from_file_location("pretrain_demo_backbone", SCRIPT)

@@ -5,7 +5,7 @@ import threading
 import torch
 
 from conftest import DEMO_CFG, read_results, recipe, run_train
-from trainers._feature_cache import FeatureCache
+from clipkit.feature_cache import FeatureCache
 
 
 def zeroshot(root, out, cache, *extra, seed=1, capsys=None):

@@ -119,7 +119,7 @@ def test_dassl_checkpoints_need_the_stand_ins(backbones, tmp_path):
     path = dassl_save(tmp_path, "prompt_learner", coop_state())
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
-    from trainers._original_checkpoints import read_dassl_checkpoint
+    from clipkit.original_checkpoints import read_dassl_checkpoint
 
     assert torch.equal(read_dassl_checkpoint(path)["state_dict"]["ctx"], coop_state()["ctx"])
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import TINY_BACKBONES
-from trainers._prompt_layer import ImageEncoder, PromptLearner, PromptTokenizer, TextEncoder, place
+from clipkit.prompt_layer import ImageEncoder, PromptLearner, PromptTokenizer, TextEncoder, place
 
 TEXTS = ["a fundus image of glaucoma.", "a pathology image of adipose tissue.", "x", "an oct retinal image of drusen with many words"]
 

@@ -118,7 +118,7 @@ def test_every_trainer_declares_its_kind(name):
 def test_backbones_load_once_and_each_run_gets_its_own_copy(monkeypatch):
     import torch
 
-    from trainers import _backbones
+    from clipkit import backbones as _backbones
 
     built = []
     real = _backbones._build_backbone

@@ -9,8 +9,8 @@ import torch
 
 from conftest import DEMO_CFG, read_results, recipe, run_train
 from core.errors import UserError
-from trainers import _backbones
-from trainers._backbones import load_backbone
+from clipkit import backbones as _backbones
+from clipkit.backbones import load_backbone
 
 # OpenAI's layout at test size: one attention head per 64 channels, QuickGELU, CLIP's BPE vocabulary.
 TINY_OPENAI_CFG = {

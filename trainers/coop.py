@@ -5,7 +5,7 @@ from yacs.config import CfgNode as CN
 
 from core.engine import TRAINER_REGISTRY
 
-from ._image_prompt import ImagePromptTrainer, add_common_keys
+from .image_prompt import ImagePromptTrainer, add_common_keys
 
 
 def extend_cfg(cfg):

@@ -22,9 +22,9 @@ from core.optim import build_lr_scheduler, build_optimizer
 from core.utils import count_parameters, logger
 from datasets.catalog import get_entry, resolve_target
 
-from ._base import CLIPTrainer
-from ._descriptions import descriptions_path, load_descriptions
-from ._prompt_layer import PromptLearner, PromptTokens, template_prefix
+from .base import CLIPTrainer
+from clipkit.descriptions import descriptions_path, load_descriptions
+from clipkit.prompt_layer import PromptLearner, PromptTokens, template_prefix
 
 LOSSES = ("l1", "mse")
 

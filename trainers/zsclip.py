@@ -10,8 +10,8 @@ from core.errors import UserError
 from core.utils import logger
 from datasets.catalog import readable_classname
 
-from ._base import CLIPTrainer
-from ._descriptions import descriptions_path, load_descriptions
+from .base import CLIPTrainer
+from clipkit.descriptions import descriptions_path, load_descriptions
 
 PROMPT_MODES = ("template", "ensemble", "descriptions")
 

@@ -241,7 +241,7 @@ def read_original_run(run_dir, epoch=None):
 
 def text_prefix(model):
     """Where a trainer's model keeps its text PromptLearner: '' (the model itself) or e.g. 'text.'."""
-    from ._prompt_layer import PromptLearner
+    from .prompt_layer import PromptLearner
 
     for name, module in model.named_modules():
         if isinstance(module, PromptLearner):

@@ -7,7 +7,7 @@ from core.errors import UserError
 from core.utils import read_json
 from datasets.catalog import DECLARED, normalize_classname
 
-from ._backbones import PROJECT_DIR
+from .backbones import PROJECT_DIR
 
 
 def descriptions_path(dataset, descriptions_dir="llm_descriptions"):

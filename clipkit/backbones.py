@@ -6,7 +6,7 @@
   - ``hf-hub:<repo id>``,
   - a local folder holding ``open_clip_config.json`` and the weights (a hub snapshot),
   - an OpenAI-format weights file (TorchScript or state dict), or a folder holding one:
-    the architecture is read from the tensor shapes (``_weight_files.py``).
+    the architecture is read from the tensor shapes (``weight_files.py``).
 The tiny test backbones are open_clip model configs kept in ``configs/backbones``,
 built through the same call with random weights.
 """
@@ -30,7 +30,7 @@ import torch
 from core.errors import UserError
 from core.utils import logger
 
-from ._weight_files import WEIGHT_SUFFIXES, infer_model_cfg, load_into, read_state_dict, sha256_of, shape_differences
+from .weight_files import WEIGHT_SUFFIXES, infer_model_cfg, load_into, read_state_dict, sha256_of, shape_differences
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONE_CONFIG_DIR = os.path.join(PROJECT_DIR, "configs", "backbones")

@@ -16,10 +16,10 @@ from core.errors import UserError
 from core.optim import build_lr_scheduler, build_optimizer
 from core.utils import count_parameters, logger, read_json
 
-from ._backbones import resolve_spec
-from ._base import CLIPTrainer
-from ._original_checkpoints import read_original_run
-from ._prompt_layer import PromptLearner, template_prefix
+from clipkit.backbones import resolve_spec
+from .base import CLIPTrainer
+from clipkit.original_checkpoints import read_original_run
+from clipkit.prompt_layer import PromptLearner, template_prefix
 
 
 def resolve_ctx_init(value, entry):

@@ -14,10 +14,10 @@ from core.utils import count_parameters, logger, progress, set_threads
 from datasets.declared import entry_for_cfg
 from datasets.split_dataset import register_declared
 
-from ._backbones import load_backbone
-from ._feature_cache import FeatureCache, backbone_identity, resolve_cache_dir
-from ._original_checkpoints import load_original_model
-from ._prompt_layer import ImageEncoder, PromptTokenizer, TextEncoder
+from clipkit.backbones import load_backbone
+from clipkit.feature_cache import FeatureCache, backbone_identity, resolve_cache_dir
+from clipkit.original_checkpoints import load_original_model
+from clipkit.prompt_layer import ImageEncoder, PromptTokenizer, TextEncoder
 
 PRECISIONS = ("fp32", "amp", "fp16")
 
