@@ -30,7 +30,8 @@ import torch
 from core.errors import UserError
 from core.utils import logger
 
-from .weight_files import WEIGHT_SUFFIXES, infer_model_cfg, load_into, read_state_dict, sha256_of, shape_differences
+from .weight_files import (WEIGHT_SUFFIXES, infer_model_cfg, is_torchscript, load_into, read_state_dict, sha256_of,
+                           shape_differences)
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONE_CONFIG_DIR = os.path.join(PROJECT_DIR, "configs", "backbones")
@@ -124,6 +125,54 @@ def _local_config(path):
     return cfg.get("model_cfg", cfg), cfg.get("preprocess_cfg", {})
 
 
+# text_cfg.tokenizer_kwargs a model config may set: how text is cleaned and split, nothing that loads code
+# (trust_remote_code, a tokenizer class or file of the model's own).
+TOKENIZER_KWARGS = ("clean", "strip_sep_token", "language", "do_lower_case", "use_fast")
+
+
+def _check_text_cfg(text_cfg, source):
+    """Refuse tokenizer settings that could load code from a model folder; UserError in one line."""
+    kwargs = text_cfg.get("tokenizer_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{source}: text_cfg.tokenizer_kwargs must be a mapping, not {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        if key == "trust_remote_code":
+            raise UserError(
+                f"{source}: text_cfg.tokenizer_kwargs sets trust_remote_code, which would run Python code from the "
+                f"model's files; code from a model folder is never run: remove it from the config"
+            )
+        if key not in TOKENIZER_KWARGS or not isinstance(value, (str, bool, int, type(None))):
+            raise UserError(
+                f"{source}: unknown text_cfg.tokenizer_kwargs entry '{key}' ({value!r}); allowed: "
+                f"{', '.join(TOKENIZER_KWARGS)} with plain values: remove it from the config"
+            )
+
+
+def _check_hf_folder(folder, source):
+    """A Hugging Face text tower read from ``folder`` may only be a built-in architecture, never the folder's code."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{source}: cannot read {path} ({type(e).__name__}); is the model folder complete?") from None
+    if not isinstance(config, dict) or "auto_map" in config:
+        raise UserError(
+            f"{source}: {path} asks for model code of its own (auto_map), which is never run; only built-in "
+            f"Hugging Face architectures load: remove auto_map if the model_type is a built-in one"
+        )
+
+
+def _get_tokenizer(name, text_cfg, source, **kwargs):
+    """open_clip.get_tokenizer with the config's tokenizer settings checked and remote code off for HF tokenizers."""
+    import open_clip
+
+    _check_text_cfg(text_cfg, source)
+    if text_cfg.get("hf_tokenizer_name"):
+        kwargs["trust_remote_code"] = False
+    return open_clip.get_tokenizer(name, **kwargs)
+
+
 def _absolutize_hf_text(model_cfg, base_dir):
     """Point a relative hf_model_name/hf_tokenizer_name at ``base_dir`` (configs kept in the repo)."""
     text_cfg = dict(model_cfg.get("text_cfg", {}))
@@ -215,9 +264,10 @@ def _tokenizer_for(name, text_cfg):
     import open_clip
     from open_clip.tokenizer import HFTokenizer
 
+    _check_text_cfg(text_cfg, f"backbone config {name}")
     if text_cfg.get("hf_tokenizer_name") and os.path.isdir(text_cfg["hf_tokenizer_name"]):
         return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77),
-                           **(text_cfg.get("tokenizer_kwargs") or {}))
+                           trust_remote_code=False, **(text_cfg.get("tokenizer_kwargs") or {}))
     return open_clip.get_tokenizer(name)
 
 
@@ -234,7 +284,10 @@ def _folder_spec(folder):
         spec = {"local": folder}
         # open_clip's own folder search does not look at .pt files; the pmc_vit_l_14_weights.pt kind of file
         # next to a hub config is used when there is nothing else.
-        if _find_checkpoint_in_dir(Path(folder)) is None:
+        found = _find_checkpoint_in_dir(Path(folder))
+        if found is not None and is_torchscript(found):
+            spec["weights_file"] = found  # read here as data: open_clip's loader would refuse it or run its code
+        elif found is None:
             pt_files = [f for f in files if f.endswith(".pt")]
             if len(pt_files) > 1:
                 raise UserError(f"backbone folder {folder} holds several .pt files ({', '.join(map(os.path.basename, pt_files))}); keep one")
@@ -417,14 +470,19 @@ def _build_backbone(name, pretrained, cache_dir, device):
             model, tokenizer, identity = _build_openai_format(name, spec["file"], spec["arch"], device)
         elif "hub" in spec:
             model = open_clip.create_model(spec["hub"], device=device, cache_dir=cache_dir)
-            tokenizer = open_clip.get_tokenizer(spec["hub"], cache_dir=cache_dir)
+            hub_config = _hf_cached(spec["hub"][len("hf-hub:"):], ["open_clip_config.json"], cache_dir)
+            hub_text_cfg = _local_config(hub_config)[0].get("text_cfg", {}) if hub_config else {}
+            tokenizer = _get_tokenizer(spec["hub"], hub_text_cfg, f"backbone '{name}'", cache_dir=cache_dir)
             identity = _hub_identity(spec["hub"][len("hf-hub:"):], cache_dir)
         elif "local" in spec:
             config_file = os.path.join(spec["local"], "open_clip_config.json")
             model_cfg, _ = _local_config(config_file)
             kwargs = {}
             text_cfg = copy.deepcopy(model_cfg.get("text_cfg", {}))
+            source = f"backbone folder {spec['local']}"
+            _check_text_cfg(text_cfg, source)
             if text_cfg.get("hf_model_name") and os.path.isfile(os.path.join(spec["local"], "config.json")):
+                _check_hf_folder(spec["local"], source)
                 # The text encoder's own config sits in the folder: no hub look-up; its weights come
                 # with the CLIP checkpoint, not from a separate text-model file.
                 text_cfg["hf_model_name"] = spec["local"]
@@ -432,7 +490,7 @@ def _build_backbone(name, pretrained, cache_dir, device):
                 kwargs["text_cfg"] = text_cfg
             if spec.get("weights_file"):
                 read = read_state_dict(spec["weights_file"])  # an unreadable file fails before the build
-                model = _quiet_create("local-dir:" + spec["local"], device=device, **kwargs)
+                model = _quiet_create("local-dir:" + spec["local"], device=device, load_weights=False, **kwargs)
                 identity = _load_weights_file(model, spec["weights_file"], f"backbone '{name}'", read)
             else:
                 from open_clip.factory import _find_checkpoint_in_dir
@@ -442,7 +500,7 @@ def _build_backbone(name, pretrained, cache_dir, device):
                 identity = {"weights": os.path.abspath(found), "weights_sha256": sha256_of(found),
                             "weights_format": "safetensors" if found.endswith(".safetensors") else "state_dict"}
             identity["architecture"] = model_cfg
-            tokenizer = open_clip.get_tokenizer("local-dir:" + spec["local"])
+            tokenizer = _get_tokenizer("local-dir:" + spec["local"], text_cfg, source)
         else:
             tag = spec["pretrained"]
             if os.path.isfile(tag):

@@ -2,8 +2,9 @@
 
 A weights file may be a TorchScript archive (OpenAI's downloads), a ``torch.save``
 of a state dict (``pmc_vit_l_14_weights.pt``), a training checkpoint holding one
-under ``state_dict`` (open_clip's, UniMed-CLIP's), or safetensors. TorchScript is
-read with ``torch.jit.load`` on the CPU, everything else with ``weights_only=True``.
+under ``state_dict`` (open_clip's, UniMed-CLIP's), or safetensors. A TorchScript
+archive is read as data (``_torchscript.py``): its pickled tensors are rebuilt and its
+code never runs. Everything else is read with ``weights_only=True``.
 An OpenAI-format state dict names its tensors like OpenAI's CLIP, so the
 architecture can be read from their shapes (:func:`infer_model_cfg`).
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 import zipfile
 
 import torch
 
 from core.errors import UserError
+
+from ._torchscript import Unreadable, read_torchscript_state_dict
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -62,10 +64,14 @@ def read_state_dict(path):
 
             return dict(load_file(path, device="cpu")), "safetensors"
         if is_torchscript(path):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice: reading is all we do
-                scripted = torch.jit.load(path, map_location="cpu")
-            return {k: v for k, v in scripted.state_dict().items()}, "torchscript"
+            try:
+                return dict(read_torchscript_state_dict(path)), "torchscript"
+            except Unreadable as e:
+                raise UserError(
+                    f"TorchScript file {path} is not read: {e}; code from a weights file is never run. If the file comes "
+                    f"from a source you trust, convert it once in a trusted environment: "
+                    f"torch.save(torch.jit.load(path).state_dict(), 'weights.pt'), and give that file"
+                ) from None
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except UserError:
         raise
