@@ -156,10 +156,15 @@ def _check_hf_folder(folder, source):
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{source}: cannot read {path} ({type(e).__name__}); is the model folder complete?") from None
-    if not isinstance(config, dict) or "auto_map" in config:
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    # With a built-in model_type, transformers uses its own code and ignores an auto_map; without one it would
+    # ask to run the folder's code.
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise UserError(
-            f"{source}: {path} asks for model code of its own (auto_map), which is never run; only built-in "
-            f"Hugging Face architectures load: remove auto_map if the model_type is a built-in one"
+            f"{source}: {path} names no built-in Hugging Face architecture (model_type {model_type!r}); a text "
+            f"tower is never built from code in the model folder: use a folder of a built-in architecture (e.g. bert)"
         )
 
 

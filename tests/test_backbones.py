@@ -81,3 +81,69 @@ def test_local_model_folder_with_bert_text_tower(tmp_path):
     assert local.text_kind == "hf"
     for (k, a), (_, b) in zip(local.model.state_dict().items(), reference.model.state_dict().items()):
         assert torch.equal(a, b.to(a.dtype)), k
+
+
+# ---------------------------------------------------------------- a model folder never runs its own code
+
+def bert_snapshot(tmp_path, marker, tokenizer_kwargs=None, auto_map_config=False):
+    """A demo-clip hub snapshot in a folder whose tokenizer (and optionally model config) points at a .py that
+    writes a marker when imported."""
+    import json
+    import shutil
+
+    from clipkit.backbones import BACKBONE_CONFIG_DIR
+
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    model_cfg = json.load(open(f"{BACKBONE_CONFIG_DIR}/demo-clip.json"))
+    if tokenizer_kwargs is not None:
+        model_cfg["text_cfg"]["tokenizer_kwargs"] = tokenizer_kwargs
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    shutil.copy(f"{BACKBONE_CONFIG_DIR}/demo-clip/demo-clip.safetensors", folder / "open_clip_model.safetensors")
+    shutil.copy(f"{BACKBONE_CONFIG_DIR}/demo-bert/vocab.txt", folder / "vocab.txt")
+    code = (f"open({str(marker)!r}, 'w').close()\n"
+            "from transformers import BertTokenizer, BertConfig, BertModel\n"
+            "class MarkerTokenizer(BertTokenizer):\n    pass\n"
+            "class MarkerConfig(BertConfig):\n    model_type = 'marker'\n"
+            "class MarkerModel(BertModel):\n    config_class = MarkerConfig\n")
+    (folder / "marker_code.py").write_text(code)
+    tokenizer_config = json.load(open(f"{BACKBONE_CONFIG_DIR}/demo-bert/tokenizer_config.json"))
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["marker_code.MarkerTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    config = json.load(open(f"{BACKBONE_CONFIG_DIR}/demo-bert/config.json"))
+    if auto_map_config:
+        config["model_type"] = "marker"
+        config["auto_map"] = {"AutoConfig": "marker_code.MarkerConfig", "AutoModel": "marker_code.MarkerModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"trust_remote_code": True}, "sets trust_remote_code, which would run Python code"),
+    ({"use_fast": False, "tokenizer_file": "marker_code.py"}, "unknown text_cfg.tokenizer_kwargs entry 'tokenizer_file'"),
+])
+def test_folder_tokenizer_settings_that_could_run_code_are_refused(tmp_path, kwargs, message):
+    marker = tmp_path / "marker"
+    folder = bert_snapshot(tmp_path, marker, tokenizer_kwargs=kwargs)
+    with pytest.raises(UserError, match=message) as info:
+        load_backbone(str(folder))
+    assert "\n" not in str(info.value) and not marker.exists()
+
+
+def test_folder_tokenizer_auto_map_is_ignored(tmp_path):
+    """Without trust_remote_code the tokenizer class the folder names (BertTokenizer) is used, not its code."""
+    marker = tmp_path / "marker"
+    folder = bert_snapshot(tmp_path, marker, tokenizer_kwargs={"strip_sep_token": False})
+    backbone = load_backbone(str(folder))
+    reference = load_backbone("demo-clip")
+    texts = ["a fundus image of glaucoma."]
+    assert torch.equal(backbone.tokenizer(texts), reference.tokenizer(texts))
+    assert type(backbone.tokenizer.tokenizer).__name__.startswith("BertTokenizer") and not marker.exists()
+
+
+def test_folder_text_tower_of_its_own_code_is_refused(tmp_path):
+    marker = tmp_path / "marker"
+    folder = bert_snapshot(tmp_path, marker, auto_map_config=True)
+    with pytest.raises(UserError, match="names no built-in Hugging Face architecture \\(model_type 'marker'\\)") as info:
+        load_backbone(str(folder))
+    assert "\n" not in str(info.value) and not marker.exists()
