@@ -16,7 +16,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .checkpoint import CHECKPOINT_POINTER, load_checkpoint, read_pointer
+from .checkpoint import CHECKPOINT_POINTER, load_checkpoint, read_pointer, resume_problem
 from .data import DataManager
 from .errors import UserError
 from .evaluation import build_evaluator
@@ -78,6 +78,31 @@ def rng_state():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rng_state_problem(state):
+    """What keeps ``state`` (from a checkpoint) from being restored by :func:`set_rng_state`, or None."""
+    if not isinstance(state, dict):
+        return "its random state is missing" if state is None else f"its random state is a {type(state).__name__}"
+    python, numpy_state, cpu = state.get("python"), state.get("numpy"), state.get("torch")
+    words = lambda values, n: (isinstance(values, (list, tuple)) and len(values) == n
+                               and all(type(v) is int and 0 <= v < 2**32 for v in values))
+    if not (isinstance(python, (list, tuple)) and len(python) == 3 and type(python[0]) is int
+            and words(python[1], 625) and python[1][-1] <= 624 and (python[2] is None or type(python[2]) is float)):
+        return "its Python random state is not (version, 625 words, gauss)"
+    if not (isinstance(numpy_state, (list, tuple)) and len(numpy_state) == 5 and numpy_state[0] == "MT19937"
+            and words(numpy_state[1], 624) and type(numpy_state[2]) is int and 0 <= numpy_state[2] <= 624
+            and numpy_state[3] in (0, 1) and type(numpy_state[4]) is float):
+        return "its NumPy random state is not MT19937 (name, 624 words, position, has_gauss, cached)"
+    own = torch.get_rng_state()
+    if not torch.is_tensor(cpu) or cpu.dtype != own.dtype or cpu.shape != own.shape:
+        found = f"a {str(cpu.dtype)[6:]} tensor of shape {tuple(cpu.shape)}" if torch.is_tensor(cpu) else repr(cpu)[:40]
+        return f"its torch random state is {found}, not a uint8 tensor of shape {tuple(own.shape)}"
+    cuda = state.get("cuda")
+    if cuda is not None and not (isinstance(cuda, (list, tuple))
+                                 and all(torch.is_tensor(t) and t.dtype == torch.uint8 and t.dim() == 1 for t in cuda)):
+        return "its CUDA random state is not a list of uint8 tensors"
+    return None
 
 
 def set_rng_state(state):
@@ -180,13 +205,20 @@ class TrainerBase:
                     f"{directory} holds a run with other optimization settings ({changed}); resuming it needs the "
                     f"same settings: rerun with them, or give a new --output-dir"
                 )
+            max_epoch = getattr(self, "max_epoch", float("inf"))
+            problem = (resume_problem(checkpoint, path, self._optims[name], self._scheds[name], max_epoch)
+                       or rng_state_problem(checkpoint.get("rng")))
+            if problem:
+                raise UserError(
+                    f"checkpoint {path} cannot be resumed: {problem}; it was not written by this run as configured: "
+                    f"delete {os.path.dirname(path)} (or give a new --output-dir) and rerun"
+                )
             self.load_checkpoint_into(name, checkpoint, path)
-            if self._optims[name] is not None and checkpoint.get("optimizer"):
+            if self._optims[name] is not None:
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
-            if self._scheds[name] is not None and checkpoint.get("scheduler"):
+            if self._scheds[name] is not None:
                 self._scheds[name].load_state_dict(checkpoint["scheduler"])
-            if checkpoint.get("rng"):
-                set_rng_state(checkpoint["rng"])
+            set_rng_state(checkpoint["rng"])
             if checkpoint.get("train_loss"):
                 self.epoch_losses = MetricMeter()
                 self.epoch_losses.update(checkpoint["train_loss"])
