@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.checkpoint import read_pointer
+from core.checkpoint import read_pointer, refuse_torchscript
 from core.errors import UserError
 from core.utils import logger
 
@@ -106,6 +106,7 @@ def read_dassl_checkpoint(path):
     checkpoints. Those objects, and only classes of ``torch.optim`` / ``dassl``, are read
     as inert stand-ins; the tensors of ``state_dict`` are all that is used.
     """
+    refuse_torchscript(path)
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip checkpoint (legacy format): the plain load below says what it can

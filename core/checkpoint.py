@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import zipfile
 
 import torch
 
@@ -48,10 +50,25 @@ def read_pointer(model_dir):
     return path
 
 
+def refuse_torchscript(path):
+    """A TorchScript archive (a whole scripted model, with code) is never read as a prompt checkpoint: UserError."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise UserError(
+            f"checkpoint {path} is a TorchScript archive (a whole model with its code), not a prompt checkpoint, and "
+            f"was not loaded: give the output folder of a training run (model.pth.tar-<epoch> files)"
+        )
+
+
 def load_checkpoint(path):
     """The dict saved at ``path``, read without running code; ``state_dict`` maps names to tensors."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    refuse_torchscript(path)  # torch.load would warn, then fail with a paragraph
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -115,8 +132,6 @@ def resume_problem(checkpoint, path, optimizer, scheduler, max_epoch):
     optimizer's parameter groups, parameters and state shapes; the scheduler state this scheduler's fields.
     Returns a message (no path) or None.
     """
-    import re
-
     epoch = checkpoint.get("epoch")
     if epoch is None:
         return "it records no epoch"

@@ -18,7 +18,7 @@ from core.utils import count_parameters, logger, read_json
 
 from clipkit.backbones import resolve_spec
 from .base import CLIPTrainer
-from clipkit.original_checkpoints import read_original_run
+from clipkit.original_checkpoints import compare_frozen, read_original_run
 from clipkit.prompt_layer import PromptLearner, template_prefix
 
 
@@ -118,28 +118,64 @@ class ImagePromptTrainer(CLIPTrainer):
             self.load_init_weights("prompt_learner", cfg.MODEL.INIT_WEIGHTS)
         self.scaler = self.make_grad_scaler()
 
+    def _same_backbone(self, name, pretrained):
+        """Whether backbone ``name`` (with ``pretrained``) is the one this run uses."""
+        own = (self.cfg.MODEL.BACKBONE.NAME, self.cfg.MODEL.BACKBONE.PRETRAINED)
+        if (name, pretrained or "") == (own[0], own[1] or ""):
+            return True
+        try:
+            return resolve_spec(name, pretrained) == resolve_spec(*own)
+        except UserError:  # the source's backbone cannot be resolved here (e.g. a file no longer there)
+            return False
+
+    def _check_original_backbone(self, run_dir, original):
+        """Prompts of the original code: the frozen CLIP saved with them must be this run's backbone."""
+        match = compare_frozen(original, self.backbone.model)
+        if match is None:
+            raise UserError(
+                f"INIT_FROM {run_dir}: checkpoint {original.path} holds no frozen CLIP to tell which backbone its "
+                f"prompts were trained with, so they cannot be checked against {self.cfg.MODEL.BACKBONE.NAME}; give "
+                f"an original MedPromptCLIP run (its checkpoints keep the frozen CLIP)"
+            )
+        if not match:
+            raise UserError(
+                f"INIT_FROM {run_dir}: the frozen CLIP saved in {original.path} is not backbone "
+                f"{self.cfg.MODEL.BACKBONE.NAME}; stack on prompts learned with the same backbone"
+            )
+
     def init_text_prompts(self, run_dir):
         """Copy MedPromptCLIP's context and deep text prompts into this learner (stacking)."""
         # Prompts saved by the original code: their text prompts as "ctx" and "deep_ctx.<i>".
         original = read_original_run(run_dir)
         path = original.path if original else find_prompt_checkpoint(run_dir)
         record = os.path.join(run_dir, "results.json")
+        source_backbone = None
         if not original and os.path.isfile(record):
             source_run = read_json(record, what="results file")
             if source_run.get("trainer", "MedPromptCLIP") != "MedPromptCLIP":
                 raise UserError(f"INIT_FROM {run_dir} is a {source_run['trainer']} run; give a MedPromptCLIP output folder")
             source_backbone = source_run.get("backbone")
-            if source_backbone and resolve_spec(source_backbone) != resolve_spec(self.cfg.MODEL.BACKBONE.NAME):
-                raise UserError(
-                    f"INIT_FROM {run_dir} was trained with backbone {source_backbone}, this run uses "
-                    f"{self.cfg.MODEL.BACKBONE.NAME}; stack on prompts learned with the same backbone"
-                )
         if original:
             source = {k[len("text."):] if k.startswith("text.") else k: v for k, v in original.state_dict.items()}
+            self._check_original_backbone(run_dir, original)
         else:
             checkpoint = load_checkpoint(path)
             if checkpoint.get("trainer") not in (None, "MedPromptCLIP"):
                 raise UserError(f"INIT_FROM {run_dir} is a {checkpoint['trainer']} run; give a MedPromptCLIP output folder")
+            settings = checkpoint.get("settings") or {}
+            source_backbone = source_backbone or checkpoint.get("backbone") or settings.get("MODEL.BACKBONE.NAME")
+            if not source_backbone:
+                raise UserError(
+                    f"INIT_FROM {run_dir}: neither a results.json nor its checkpoint {path} records the backbone its "
+                    f"prompts were trained with, so they cannot be checked against {self.cfg.MODEL.BACKBONE.NAME}; "
+                    f"give the output folder of a MedPromptCLIP run of this program made with this backbone"
+                )
+            source_pretrained = settings.get("MODEL.BACKBONE.PRETRAINED", self.cfg.MODEL.BACKBONE.PRETRAINED)
+            if not self._same_backbone(source_backbone, source_pretrained):
+                raise UserError(
+                    f"INIT_FROM {run_dir} was trained with backbone {source_backbone}, this run uses "
+                    f"{self.cfg.MODEL.BACKBONE.NAME}; stack on prompts learned with the same backbone"
+                )
             source = checkpoint["state_dict"]
         if "ctx" not in source:
             raise UserError(f"{path} holds no MedPromptCLIP context ('ctx'); give a MedPromptCLIP output folder")
