@@ -31,6 +31,7 @@ import random
 import re
 import sys
 import time
+from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -175,10 +176,11 @@ class ClassCache:
                 raise UserError(f"cache file {self.path} does not belong to {model}/{dataset}/{classname}; delete it")
             self.answers = data["answers"]
 
-    def scrub(self, api_key):
-        """Remove the API key from answers cached before it was scrubbed on arrival; rewrite the file if needed."""
-        if api_key and any(isinstance(a, str) and api_key in a for answers in self.answers.values() for a in answers):
-            self.answers = {q: [scrub(a, api_key) for a in answers] for q, answers in self.answers.items()}
+    def scrub(self, secrets):
+        """Remove the API key (and other secrets) from answers cached before they were scrubbed on arrival;
+        rewrite the file if needed."""
+        if any(scrub(a, secrets) != a for answers in self.answers.values() for a in answers):
+            self.answers = {q: [scrub(a, secrets) for a in answers] for q, answers in self.answers.items()}
             write_json_atomic(self.path, {**self.header, "answers": self.answers}, indent=1)
 
     def get(self, question, index):
@@ -221,9 +223,52 @@ class BadReply(Exception):
     """A reply that is not a chat completion (e.g. an HTML error page from a proxy)."""
 
 
-def scrub(text, api_key):
-    """``text`` without the API key: servers may echo it, and nothing written may hold it."""
-    return text.replace(api_key, "***") if api_key and isinstance(text, str) else text
+def scrub(text, secrets):
+    """``text`` without the API key (or any of a list of secrets), also URL-encoded: servers and error
+    messages may echo them, and nothing printed or written may hold them."""
+    if not isinstance(text, str):
+        return text
+    forms = {form for secret in ([secrets] if isinstance(secrets, str) else secrets) if secret
+             for form in (secret, quote(secret, safe=""), quote_plus(secret, safe=""))}
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "***")
+    return text
+
+
+def read_api_key(env_name):
+    """The API key in ``$env_name`` without surrounding whitespace (a pasted key often ends in a newline)."""
+    key = os.environ.get(env_name, "").strip()
+    if not key.isascii():
+        raise UserError(f"the API key in ${env_name} holds non-ASCII characters, which HTTP headers cannot carry; "
+                        f"copy the key again (a pasted key may hold curly quotes or look-alike letters)")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in key):
+        raise UserError(f"the API key in ${env_name} holds spaces or control characters; copy the key again")
+    return key
+
+
+def url_secrets(url):
+    """User name, password and query values written into a URL (``https://user:key@host/v1?api-key=...``)."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.username, parts.password] + [v for _, v in parse_qsl(parts.query, keep_blank_values=True)]
+    except ValueError:
+        return []
+    # Short values (api-version=1) are no secrets, and masking them would garble every message.
+    return [v for v in found if v and len(v) >= 6]
+
+
+def shown_url(url):
+    """``url`` as messages show it: user information and query values masked."""
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return "--base-url"
+    netloc = parts.netloc.rpartition("@")[2]
+    if "@" in parts.netloc:
+        netloc = "***@" + netloc
+    masked = urlencode([(k, "***") for k, _ in query], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, masked, parts.fragment))
 
 
 def _is_retryable(exc):
@@ -255,6 +300,8 @@ class Asker:
     def __init__(self, args, api_key):
         self.args = args
         self.api_key = api_key
+        self.secrets = [api_key, *url_secrets(args.base_url)]
+        self.shown_url = shown_url(args.base_url)
         # The client's own retries are off so that every retry goes through one
         # policy here, with the delays the user set.
         self.client = openai.OpenAI(base_url=args.base_url, api_key=api_key, max_retries=0, timeout=args.timeout)
@@ -262,7 +309,7 @@ class Asker:
 
     def redact(self, text):
         """Servers may echo the key (in errors or answers); nothing printed, raised or written may contain it."""
-        return scrub(text, self.api_key)
+        return scrub(text, self.secrets)
 
     def _request(self, question):
         self.requests += 1
@@ -295,7 +342,7 @@ class Asker:
                     hint = ("check that --base-url is an OpenAI-compatible endpoint (it usually ends in /v1)"
                             if isinstance(exc, BadReply) else "try again later or raise --retries")
                     raise UserError(
-                        f"{self.args.base_url} still failing after {self.args.retries} retries ({what}); {hint}"
+                        f"{self.shown_url} still failing after {self.args.retries} retries ({what}); {hint}"
                     ) from None
                 delay = min(MAX_BACKOFF_S, self.args.retry_delay * 2 ** attempt)
                 delay *= 0.5 + random.random() / 2
@@ -316,7 +363,7 @@ class Asker:
             hint = "check --model and --temperature for this server"
         else:
             hint = "check --base-url and --model"
-        return f"{self.args.base_url} refused the request ({what}); {hint}"
+        return f"{self.shown_url} refused the request ({what}); {hint}"
 
 
 _TOKENIZER = None
@@ -453,10 +500,10 @@ def generate(args):
     if not plan:
         return
 
-    api_key = os.environ.get(args.api_key_env, "")
+    api_key = read_api_key(args.api_key_env)
     for _, _, classes in plan:
         for _, cache, _ in classes:
-            cache.scrub(api_key)
+            cache.scrub([api_key, *url_secrets(args.base_url)])
     if missing and not api_key:
         raise UserError(
             f"no API key: set the environment variable {args.api_key_env} "

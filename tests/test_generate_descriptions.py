@@ -362,3 +362,50 @@ def test_declared_dataset_gets_its_declared_descriptions_file(tmp_path):
     questions = [r["body"]["messages"][-1]["content"] for r in server.requests]
     assert len(questions) == 2 * N_QUESTIONS
     assert all("dermoscopy images" in q for q in questions) and any(gd.GENERIC_FOCUS in q for q in questions)
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+def test_key_with_a_line_ending_is_used_stripped(ending, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY + ending)
+    with FakeServer() as server:
+        assert run(server, tmp_path, "--answers-per-question", "1") == 0, capsys.readouterr().err
+    assert server.requests[0]["auth"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+def test_wrong_key_with_a_line_ending_is_redacted(ending, tmp_path, capsys, monkeypatch):
+    wrong = KEY + "-revoked"
+    monkeypatch.setenv("OPENAI_API_KEY", wrong + ending)
+    with FakeServer() as server:  # the server echoes the whole wrong key in its 401
+        assert run(server, tmp_path) == 2
+    captured = capsys.readouterr()
+    assert "Incorrect API key provided: ***" in captured.err and "Traceback" not in captured.err
+    for text in (captured.out, captured.err, all_files_text(tmp_path)):
+        assert KEY not in text
+
+
+@pytest.mark.parametrize("place", ["userinfo", "user", "query"])
+def test_key_inside_the_base_url_is_redacted(place, tmp_path, capsys):
+    with FakeServer(fail_from=0) as server:  # every request refused: the message names the server
+        scheme, rest = server.base_url.split("://")
+        base_url = {"userinfo": f"{scheme}://me:{KEY}@{rest}", "user": f"{scheme}://{KEY}@{rest}",
+                    "query": f"{server.base_url}?api-key={KEY}&api-version=1"}[place]
+        code = gd.main([DATASET, "--base-url", base_url, "--out-dir", str(tmp_path), "--model", "test-model",
+                        "--retry-delay", "0.01", "--timeout", "10", "--retries", "1"])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "127.0.0.1" in errors[0] and "***" in errors[0], captured.err
+    for text in (captured.out, captured.err, all_files_text(tmp_path)):
+        assert KEY not in text
+
+
+@pytest.mark.parametrize("key", ["sk-tëst-key-123", "sk-test\u2011key-123", "“sk-test-key-123”"])
+def test_non_ascii_key_is_one_line(key, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    with FakeServer() as server:
+        assert run(server, tmp_path) == 2
+    assert not server.requests
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the API key in $OPENAI_API_KEY holds non-ASCII"), err
+    assert key not in err and "Traceback" not in err
