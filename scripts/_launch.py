@@ -78,13 +78,9 @@ def run_state(run):
 
 def set_aside(run):
     """Move what a run folder holds (but its lock) into a sibling folder; return that folder."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = f"{run.out.rstrip(os.sep)}.replaced-{stamp}"
-    os.makedirs(target, exist_ok=True)
-    for name in os.listdir(run.out):
-        if name != LOCK_FILE:
-            os.replace(os.path.join(run.out, name), os.path.join(target, name))
-    return target
+    from core.utils import move_aside
+
+    return move_aside(run.out, keep=(LOCK_FILE,))
 
 
 # ---------------------------------------------------------------------------- locks

@@ -40,6 +40,8 @@ from core.errors import UserError  # noqa: E402
 
 # The list of runs a sweep asked for, written into its output root for the aggregator.
 MANIFEST = "sweep.json"
+# Content digests of the runs' inputs (split, descriptions, weights files) by path, size and mtime.
+DIGESTS = ".input_digests.json"
 # The method of the few-shot rows started from MedPromptCLIP prompts: the paper's few-shot setting.
 STACKED = "IVLP"
 MIN_CLASSES_BASE2NEW = 4
@@ -447,7 +449,11 @@ def main(argv=None):
             plan = crossmodal(settings, argv[2] if len(argv) > 2 else target)
         else:
             plan = PROTOCOLS[protocol](settings)
+        from core.digests import save_store, use_store
+
+        use_store(os.path.join(settings.output, DIGESTS))  # digests of inputs, kept across sweeps
         plan.resolve()
+        save_store()
         if show_status:
             status(plan)
             return 0

@@ -33,6 +33,11 @@ class CLIPTrainer(TrainerX):
 
     cfg_key = ""
 
+    @classmethod
+    def descriptions_read(cls, cfg, eval_only):
+        """Names of the datasets whose descriptions file a run with ``cfg`` reads (for its identity)."""
+        return []
+
     @property
     def tcfg(self):
         return self.cfg.TRAINER[self.cfg_key] if self.cfg_key else None
