@@ -74,7 +74,7 @@ def datasets_of(target):
 def preflight(settings, names):
     """Stop before training anything if a dataset folder or the backbone's weights are missing."""
     from datasets.catalog import get_entry
-    from datasets.split_files import image_folder, image_presence, load_split_file, locate_split
+    from datasets.split_files import image_folder, image_presence, load_split_file, locate_split, outside_message
     from clipkit.backbones import check_backbone
     from clipkit.descriptions import descriptions_path
 
@@ -92,8 +92,10 @@ def preflight(settings, names):
                 f"python -m datasets.make_split --root {settings.data} {option}"
             )
             continue
-        found, listed, first_missing = image_presence(settings.data, entry, load_split_file(split_path)[0])
-        if found < listed:
+        found, listed, first_missing, outside = image_presence(settings.data, entry, load_split_file(split_path)[0])
+        if outside:
+            problems.append(outside_message(entry, split_path, images, outside))
+        elif found < listed:
             problems.append(
                 f"dataset {name}: {found}/{listed} images of the {'shipped' if kind == 'shipped' else 'dataset'} split "
                 f"found under {images} (first missing: {first_missing})"
@@ -473,6 +475,13 @@ def main(argv=None):
         return 0 if ok and data and not data["problems"] else 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full output root
+        from core.utils import WRITE_ERRNOS, write_error_message
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; rerun to resume", file=sys.stderr)
