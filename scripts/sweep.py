@@ -20,8 +20,9 @@ Settings come from environment variables (defaults in brackets):
             CUDA_VISIBLE_DEVICES lists several) or slurm (jobs through submitit)   [local]
   SLURM_PARTITION, SLURM_TIME (minutes), SLURM_GPUS (per job), SLURM_CPUS (per job),
   SLURM_ARRAY_PARALLELISM (jobs at once)                      [-, 240, 1, 8, 32]
-A run is reused only if its results.json is complete and holds the run asked for (the same resolved
-config); otherwise it runs again. A per-run lock keeps two sweeps from running the same run.
+A run is reused only if its results.json is complete and holds the run asked for (the same settings of
+its trainer and the same content of the files it reads); otherwise it runs again. A per-run lock keeps
+two sweeps from running the same run.
 """
 from __future__ import annotations
 
