@@ -14,6 +14,8 @@ import os
 
 _DIGESTS = {}  # (absolute path, size, mtime_ns) -> sha256
 _store = {"path": None, "dirty": False}
+# A sweep names its store here, so that its worker processes and jobs read the digests it computed.
+STORE_VARIABLE = "MEDPROMPTCLIP_DIGEST_STORE"
 
 
 def use_store(path):
@@ -61,6 +63,8 @@ def file_sha256(path):
     if not os.path.isfile(path):
         return None
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS and _store["path"] is None and os.environ.get(STORE_VARIABLE):
+        use_store(os.environ[STORE_VARIABLE])
     if key not in _DIGESTS:
         digest = hashlib.sha256()
         try:

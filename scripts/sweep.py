@@ -452,9 +452,10 @@ def main(argv=None):
             plan = crossmodal(settings, argv[2] if len(argv) > 2 else target)
         else:
             plan = PROTOCOLS[protocol](settings)
-        from core.digests import save_store, use_store
+        from core.digests import STORE_VARIABLE, save_store, use_store
 
-        use_store(os.path.join(settings.output, DIGESTS))  # digests of inputs, kept across sweeps
+        os.environ[STORE_VARIABLE] = os.path.join(settings.output, DIGESTS)  # read by the runs' processes too
+        use_store(os.environ[STORE_VARIABLE])  # digests of inputs, kept across sweeps
         plan.resolve()
         save_store()
         if show_status:

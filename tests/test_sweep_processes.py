@@ -131,6 +131,7 @@ def test_read_only_output_root_is_one_line(tmp_path, demo_root, monkeypatch, cap
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out"))
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)  # every atomic write fails, as on a read-only disk
+    monkeypatch.setenv("MEDPROMPTCLIP_DIGEST_STORE", "")  # the sweep sets it: restored afterwards
     for key, value in dict(DATA=demo_root, OUTPUT=str(tmp_path / "out"), BACKBONE="tiny-clip", SEEDS="1").items():
         monkeypatch.setenv(key, value)
     assert sweep.main(["zeroshot", "demo"]) == 2
