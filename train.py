@@ -105,24 +105,95 @@ NOT_IDENTITY = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "DEVICE", "VERBOSE", "TR
                 "DATALOADER.NUM_WORKERS", "TEST.FEATURE_CACHE")
 
 
+# Paths the identity leaves out: what is read from them is in its inputs, as content digests.
+INPUT_PATHS = ("DATASET.DESCRIPTIONS_FILE", "DATASET.DESCRIPTIONS_DIR", "MODEL.BACKBONE.CACHE_DIR")
+
+
+def _pop(config, key):
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node.pop(leaf, None)
+
+
+def input_digests(cfg, trainer_cls, eval_only):
+    """sha256 of what a run reads: split file, dataset declaration, descriptions, backbone weights.
+
+    None where a file is missing (the run itself then says what is wrong).
+    """
+    from clipkit.backbones import resolve_spec
+    from clipkit.descriptions import descriptions_path
+    from core.digests import file_sha256, path_sha256
+    from datasets.declared import entry_for_cfg
+    from datasets.split_files import dataset_folder, locate_split
+
+    entry = entry_for_cfg(cfg)
+    split = None
+    if cfg.DATASET.ROOT:
+        if entry.generated:
+            from datasets.demo import generate_demo
+
+            generate_demo(dataset_folder(cfg.DATASET.ROOT, entry))  # drawn on first use: its split is an input
+        path, _ = locate_split(cfg.DATASET.ROOT, entry)
+        split = file_sha256(path) if path else None
+    inputs = {"split": split}
+    if entry.declared_in and os.path.isfile(entry.declared_in):
+        inputs["dataset_declaration"] = file_sha256(entry.declared_in)
+    names = trainer_cls.descriptions_read(cfg, eval_only) if hasattr(trainer_cls, "descriptions_read") else []
+    if names:
+        inputs["descriptions"] = {n: file_sha256(descriptions_path(n, cfg.DATASET.DESCRIPTIONS_DIR)) for n in names}
+    bb = cfg.MODEL.BACKBONE
+    try:
+        spec = resolve_spec(bb.NAME, bb.PRETRAINED)
+    except UserError:
+        spec = {}
+    weights = spec.get("weights") or spec.get("file") or spec.get("local") or spec.get("pretrained")
+    inputs["weights"] = path_sha256(weights) if weights and os.path.exists(os.path.expanduser(weights)) else None
+    if spec.get("weights_file"):
+        inputs["weights_file"] = file_sha256(spec["weights_file"])
+    if spec.get("config"):
+        inputs["architecture"] = file_sha256(spec["config"])
+    return inputs
+
+
+def _as_digest(value):
+    """A path-valued setting as the digest of what it names; other values unchanged."""
+    from clipkit.backbones import ALIASES
+    from core.digests import path_sha256
+
+    if not isinstance(value, str) or not value or value.lower() in ALIASES or value.startswith("hf-hub:"):
+        return value
+    if os.sep in value or os.path.exists(os.path.expanduser(value)):
+        found = path_sha256(value) if os.path.exists(os.path.expanduser(value)) else None
+        return f"sha256:{found}" if found else f"missing:{os.path.basename(value.rstrip(os.sep))}"
+    return value
+
+
 def run_identity(cfg, args, known=None):
-    """What makes two runs the same experiment: the resolved config and what it loads.
+    """What makes two runs the same experiment: the settings its trainer reads, the content of its inputs,
+    and what it loads.
 
     Stored in results.json; a sweep reuses a finished run only if its identity equals the one asked for.
-    Folders of other runs (--model-dir, INIT_FROM) are given relative to OUTPUT_DIR (a moved output root
-    keeps its identities), with the identity hash of the run found there: a run loading retrained prompts
-    is another run. ``known`` maps such folders (absolute) to identity hashes expected there; other folders
-    are read from their results.json.
+    No path is in it: the split file, the dataset declaration, the descriptions it reads and the backbone's
+    weights are there as sha256 digests of their content (``inputs``), path-valued settings as the digest of
+    what they name, so an edited file re-runs and a moved folder does not. Of the TRAINER settings only the
+    trainer's own node is kept. Folders of other runs (--model-dir, INIT_FROM) are given relative to
+    OUTPUT_DIR, with the identity hash of the run found there: a run loading retrained prompts is another
+    run. ``known`` maps such folders (absolute) to identity hashes expected there; other folders are read
+    from their results.json.
     """
-    from core.engine import yaml_safe
+    from core.engine import TRAINER_REGISTRY, yaml_safe
 
     config = yaml_safe(cfg)
-    for key in NOT_IDENTITY:
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        node.pop(leaf, None)
+    for key in NOT_IDENTITY + INPUT_PATHS:
+        _pop(config, key)
+    trainer_cls = TRAINER_REGISTRY.get(cfg.TRAINER.NAME)
+    own = getattr(trainer_cls, "cfg_key", "")
+    config["TRAINER"] = {k: v for k, v in config["TRAINER"].items() if k == "NAME" or k == own}
+    backbone = config["MODEL"]["BACKBONE"]
+    backbone["NAME"], backbone["PRETRAINED"] = _as_digest(backbone["NAME"]), _as_digest(backbone["PRETRAINED"])
+    config["MODEL"]["INIT_WEIGHTS"] = _as_digest(config["MODEL"]["INIT_WEIGHTS"])
     out = os.path.abspath(cfg.OUTPUT_DIR)
     loads = {}
 
@@ -144,8 +215,37 @@ def run_identity(cfg, args, known=None):
         if isinstance(node, dict) and node.get("INIT_FROM"):
             node["INIT_FROM"] = source(node["INIT_FROM"])
     model_dir = source(args.model_dir) if args.model_dir else None
-    return {"config": config, "eval_only": bool(args.eval_only), "model_dir": model_dir,
-            "load_epoch": args.load_epoch, "loads": loads}
+    return {"config": config, "inputs": input_digests(cfg, trainer_cls, args.eval_only),
+            "eval_only": bool(args.eval_only), "model_dir": model_dir, "load_epoch": args.load_epoch, "loads": loads}
+
+
+# The identity of the run an output folder holds, written when the run starts (results.json has it at the end).
+IDENTITY_FILE = "identity.json"
+# Files of a sweep's run folder that belong to the sweep, not to the run.
+SWEEP_FILES = ("run.lock",)
+
+
+def recorded_identity(folder):
+    """The identity hash of the run ``folder`` holds (from results.json, else identity.json), or None."""
+    for name in ("results.json", IDENTITY_FILE):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                data = json.load(f)
+            return identity_hash(data["identity"] if name == "results.json" else data)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def set_aside_other_run(folder, identity):
+    """Move a run of another identity out of ``folder`` (to ``<folder>.replaced-<time>``), so that its
+    checkpoints are neither resumed nor evaluated under this run's settings; return where, or None."""
+    from core.utils import move_aside
+
+    found = recorded_identity(folder)
+    if found is None or found == identity_hash(identity):
+        return None
+    return move_aside(folder, keep=SWEEP_FILES)
 
 
 def identity_hash(identity):
@@ -222,9 +322,12 @@ def main(argv=None):
         identity = run_identity(cfg, args)
         if args.eval_only and args.model_dir and not os.path.isdir(args.model_dir):
             raise UserError(f"--model-dir {args.model_dir} does not exist; give the output folder of a training run")
+        moved = set_aside_other_run(cfg.OUTPUT_DIR, identity)
         remove_stale_temp_files(cfg.OUTPUT_DIR)
         setup_logger(cfg.OUTPUT_DIR)
         logger.info(f"command: {' '.join(sys.argv)}")
+        if moved:
+            logger.info(f"{cfg.OUTPUT_DIR} held a run with other settings or inputs; its files were moved to {moved}")
         if cfg.SEED >= 0:
             set_random_seed(cfg.SEED)
         if cfg.VERBOSE:
@@ -249,6 +352,8 @@ def main(argv=None):
             trainer.load_model(args.model_dir, epoch=args.load_epoch)
             results = trainer.test()
         else:
+            # Checkpoints are about to be written: record whose they are, for the next start in this folder.
+            write_json_atomic(os.path.join(cfg.OUTPUT_DIR, IDENTITY_FILE), identity)
             trainer.train(trainer.start_epoch, trainer.max_epoch)
             if not cfg.TEST.NO_TEST:
                 results = trainer.test()

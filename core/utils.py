@@ -278,3 +278,16 @@ def progress(iterable, desc, total=None, min_total=1, **kwargs):
     total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
     disable = None if total is None or total >= min_total else True
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def move_aside(folder, keep=()):
+    """Move what ``folder`` holds (but the names in ``keep``) into ``<folder>.replaced-<time>``; return that folder."""
+    import datetime
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = f"{folder.rstrip(os.sep)}.replaced-{stamp}"
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(folder):
+        if name not in keep:
+            os.replace(os.path.join(folder, name), os.path.join(target, name))
+    return target

@@ -16,22 +16,26 @@ from core.errors import UserError
 
 from .catalog import CATALOG, GROUPS
 from .declared import scan
-from .split_files import SPLIT_FILE, image_folder, image_presence, load_split_file, locate_split, shipped_split
+from .split_files import (SPLIT_FILE, image_folder, image_presence, load_split_file, locate_split, outside_message,
+                          shipped_split)
 
 
 def status_of(root, entry):
-    """(status, images found/listed, first missing path or None) of one dataset under ``root``."""
+    """(status, images found/listed, first missing path or None, error line or None) of one dataset under ``root``."""
     path, kind = locate_split(root, entry)
     if entry.generated:
-        return "drawn on first use", "-", None
+        return "drawn on first use", "-", None, None
     if path is None:
-        return f"no split: make_split after sorting images into {os.path.join(image_folder(root, entry), '<class>', '')}", "-", None
+        return f"no split: make_split after sorting images into {os.path.join(image_folder(root, entry), '<class>', '')}", "-", None, None
     try:
         split, _ = load_split_file(path)
     except UserError as e:
-        return f"unreadable {SPLIT_FILE}: {e}", "-", None
-    found, listed, first_missing = image_presence(root, entry, split)
+        return f"unreadable {SPLIT_FILE}: {e}", "-", None, None
+    found, listed, first_missing, outside = image_presence(root, entry, split)
     source = "own split" if kind == "own" else "split shipped"
+    if outside:
+        error = outside_message(entry, path, image_folder(root, entry), outside)
+        return f"{source}, {len(outside)} row(s) lead outside the image folder", f"{found}/{listed}", first_missing, error
     if not listed:
         state = "lists no images"
     elif found == listed:
@@ -40,7 +44,7 @@ def status_of(root, entry):
         state = "images missing"
     else:
         state = "images partly present"
-    return f"{source}, {state}", f"{found}/{listed}", first_missing
+    return f"{source}, {state}", f"{found}/{listed}", first_missing, None
 
 
 def main(argv=None):
@@ -51,10 +55,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     declared, problems = scan(args.root)
     entries = list(CATALOG.values()) + declared
-    rows, missing = [], []
+    rows, missing, errors = [], [], []
     for entry in entries:
         if args.root:
-            status, images, first_missing = status_of(args.root, entry)
+            status, images, first_missing, error = status_of(args.root, entry)
+            if error:
+                errors.append(error)
             rows.append([entry.name, entry.modality, entry.num_classes, status, images, image_folder(args.root, entry)])
             if first_missing:
                 missing.append(f"  {entry.name}: {first_missing}")
@@ -76,7 +82,10 @@ def main(argv=None):
         print("pass --root DIR to check which images are present")
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

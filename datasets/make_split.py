@@ -100,7 +100,22 @@ def build_split(image_dir, label_of, ratios=PAPER_RATIOS, seed=PAPER_SEED, image
         parts = split_files(files, ratios, seed, what=f"class folder {os.path.join(image_dir, folder)}")
         for key, part in zip(("train", "val", "test"), parts):
             split[key] += [[f"{folder}/{name}", label, folder] for name in part]
+    check_inside(image_dir, split)
     return split
+
+
+def check_inside(image_dir, split):
+    """Refuse files that lead outside ``image_dir`` through a link: runs would refuse such rows."""
+    from core.folder_guard import FolderGuard
+
+    guard = FolderGuard(image_dir)
+    outside = [row[0] for rows in split.values() for row in rows if guard.resolve(row[0]) is None]
+    if outside:
+        more = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
+        raise UserError(
+            f"{outside[0]}{more} under {image_dir} lead(s) outside it through a link; runs read only files inside "
+            f"the image folder: copy the files in, or remove the links, and run make_split again"
+        )
 
 
 def write_split(path, split):

@@ -87,14 +87,35 @@ def split_paths(split):
 
 
 def image_presence(root, entry, split):
-    """(found, listed, first missing absolute path or None) for the images a split lists."""
+    """(found, listed, first missing absolute path or None, rows leading outside) for the images a split lists.
+
+    A row whose path leads outside the image folder (absolute, ``..``, or through a link to elsewhere)
+    is neither found nor missing: it is in the last list, as ``"<split> row <i> path '<path>'"``, and
+    counted in ``listed``. Runs refuse such splits.
+    """
+    from core.folder_guard import FolderGuard
+
     base = image_folder(root, entry)
-    paths = split_paths(split)
-    found, first_missing = 0, None
-    for rel in paths:
-        path = os.path.join(base, rel)
-        if os.path.isfile(path):
-            found += 1
-        elif first_missing is None:
-            first_missing = path
-    return found, len(paths), first_missing
+    guard = FolderGuard(base)
+    found, listed, first_missing, outside = 0, 0, None, []
+    for key in ("train", "val", "test"):
+        rows = split.get(key) if isinstance(split, dict) else None
+        for i, row in enumerate(rows if isinstance(rows, list) else []):
+            if not (isinstance(row, (list, tuple)) and row and isinstance(row[0], str) and is_image(row[0])):
+                continue
+            listed += 1
+            path = guard.resolve(row[0])
+            if path is None:
+                outside.append(f"{key} row {i} path {row[0][:120]!r}")
+            elif os.path.isfile(path):
+                found += 1
+            elif first_missing is None:
+                first_missing = path
+    return found, listed, first_missing, outside
+
+
+def outside_message(entry, split_path, image_dir, outside):
+    """One line naming the rows of a split that lead outside its image folder."""
+    more = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
+    return (f"dataset {entry.name}: split file {split_path}: {outside[0]}{more} lead(s) outside the image folder "
+            f"{image_dir}; rows must be paths inside it, without '..' or links to elsewhere")

@@ -28,8 +28,8 @@ for _path in (PROJECT_DIR, os.path.join(PROJECT_DIR, "scripts")):
 
 LOCK_FILE = "run.lock"
 FAILED_FILE = "failed.txt"
-# A lock written on another host is stale when its owner stopped refreshing it for this long
-# (on the same host, a lock is stale as soon as its process is gone).
+# A lock is stale when its owner stopped refreshing it for this long; on the same host also as soon
+# as its process is gone, or its pid belongs to another process (one started at another time).
 STALE_AFTER_S = 600
 HEARTBEAT_S = 60
 # How often a process waiting for another one's run, or a driver waiting for jobs, looks again.
@@ -78,16 +78,22 @@ def run_state(run):
 
 def set_aside(run):
     """Move what a run folder holds (but its lock) into a sibling folder; return that folder."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = f"{run.out.rstrip(os.sep)}.replaced-{stamp}"
-    os.makedirs(target, exist_ok=True)
-    for name in os.listdir(run.out):
-        if name != LOCK_FILE:
-            os.replace(os.path.join(run.out, name), os.path.join(target, name))
-    return target
+    from core.utils import move_aside
+
+    return move_aside(run.out, keep=(LOCK_FILE,))
 
 
 # ---------------------------------------------------------------------------- locks
+
+
+def process_start(pid):
+    """When process ``pid`` started (clock ticks since boot, from /proc), or None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[19])  # field 22 of proc(5), counted after the command name
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class RunLock:
@@ -117,8 +123,9 @@ class RunLock:
             except ProcessLookupError:
                 return True
             except PermissionError:
-                return False
-            return False
+                pass
+            if owner.get("start") is not None and process_start(int(owner["pid"])) not in (None, owner["start"]):
+                return True  # the pid was reused: a process unrelated to the lock
         return age > STALE_AFTER_S
 
     def try_acquire(self):
@@ -133,7 +140,7 @@ class RunLock:
                     return owner
                 self._break(owner)
                 continue
-            me = {"pid": os.getpid(), "host": socket.gethostname(),
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid()),
                   "since": datetime.datetime.now().isoformat(timespec="seconds")}
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(me, f)
@@ -329,7 +336,36 @@ def _visible_gpus():
     return [v for v in value.split(",") if v.strip()]
 
 
-def pool_worker(index, workers, tasks, events):
+def follow_parent(parent, grace_s=3.0):
+    """End this worker process when the sweep's process ``parent`` is gone, also after kill -9.
+
+    The worker is sent SIGTERM (its run stops and releases its lock, as on Ctrl-C); if it is still
+    there ``grace_s`` later, it exits at once. Linux signals the death of the parent immediately
+    (PR_SET_PDEATHSIG); elsewhere, a thread looks every second.
+    """
+    import signal
+
+    signalled = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            signalled = ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM)) == 0  # PR_SET_PDEATHSIG
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        if not signalled or parent_died_before_prctl:
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    parent_died_before_prctl = os.getppid() != parent
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def pool_worker(index, workers, tasks, events, parent=None):
     """A worker process of local:N: executes groups from ``tasks``, reports to ``events``.
 
     The sweep's process decides when to stop (Ctrl-C reaches it); it then sends SIGTERM, which
@@ -342,6 +378,10 @@ def pool_worker(index, workers, tasks, events):
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, stop)
+    follow_parent(os.getppid() if parent is None else parent)
+    # The sweep's process has read every event it waits for before it stops the workers; what is left
+    # in the queue is not worth hanging at exit for (the reading end may be gone).
+    events.cancel_join_thread()
     if "OMP_NUM_THREADS" not in os.environ:
         import torch
 
@@ -387,7 +427,7 @@ def launch_pool(groups, emit, workers):
         for i in range(workers):
             if len(gpus) > 1:
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-            p = ctx.Process(target=pool_worker, args=(i, workers, tasks, events), daemon=True)
+            p = ctx.Process(target=pool_worker, args=(i, workers, tasks, events, os.getpid()), daemon=True)
             p.start()
             procs.append(p)
     finally:

@@ -20,8 +20,9 @@ Settings come from environment variables (defaults in brackets):
             CUDA_VISIBLE_DEVICES lists several) or slurm (jobs through submitit)   [local]
   SLURM_PARTITION, SLURM_TIME (minutes), SLURM_GPUS (per job), SLURM_CPUS (per job),
   SLURM_ARRAY_PARALLELISM (jobs at once)                      [-, 240, 1, 8, 32]
-A run is reused only if its results.json is complete and holds the run asked for (the same resolved
-config); otherwise it runs again. A per-run lock keeps two sweeps from running the same run.
+A run is reused only if its results.json is complete and holds the run asked for (the same settings of
+its trainer and the same content of the files it reads); otherwise it runs again. A per-run lock keeps
+two sweeps from running the same run.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ from core.errors import UserError  # noqa: E402
 
 # The list of runs a sweep asked for, written into its output root for the aggregator.
 MANIFEST = "sweep.json"
+# Content digests of the runs' inputs (split, descriptions, weights files) by path, size and mtime.
+DIGESTS = ".input_digests.json"
 # The method of the few-shot rows started from MedPromptCLIP prompts: the paper's few-shot setting.
 STACKED = "IVLP"
 MIN_CLASSES_BASE2NEW = 4
@@ -72,7 +75,7 @@ def datasets_of(target):
 def preflight(settings, names):
     """Stop before training anything if a dataset folder or the backbone's weights are missing."""
     from datasets.catalog import get_entry
-    from datasets.split_files import image_folder, image_presence, load_split_file, locate_split
+    from datasets.split_files import image_folder, image_presence, load_split_file, locate_split, outside_message
     from clipkit.backbones import check_backbone
     from clipkit.descriptions import descriptions_path
 
@@ -90,8 +93,10 @@ def preflight(settings, names):
                 f"python -m datasets.make_split --root {settings.data} {option}"
             )
             continue
-        found, listed, first_missing = image_presence(settings.data, entry, load_split_file(split_path)[0])
-        if found < listed:
+        found, listed, first_missing, outside = image_presence(settings.data, entry, load_split_file(split_path)[0])
+        if outside:
+            problems.append(outside_message(entry, split_path, images, outside))
+        elif found < listed:
             problems.append(
                 f"dataset {name}: {found}/{listed} images of the {'shipped' if kind == 'shipped' else 'dataset'} split "
                 f"found under {images} (first missing: {first_missing})"
@@ -447,7 +452,12 @@ def main(argv=None):
             plan = crossmodal(settings, argv[2] if len(argv) > 2 else target)
         else:
             plan = PROTOCOLS[protocol](settings)
+        from core.digests import STORE_VARIABLE, save_store, use_store
+
+        os.environ[STORE_VARIABLE] = os.path.join(settings.output, DIGESTS)  # read by the runs' processes too
+        use_store(os.environ[STORE_VARIABLE])  # digests of inputs, kept across sweeps
         plan.resolve()
+        save_store()
         if show_status:
             status(plan)
             return 0
@@ -467,6 +477,13 @@ def main(argv=None):
         return 0 if ok and data and not data["problems"] else 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full output root
+        from core.utils import WRITE_ERRNOS, write_error_message
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; rerun to resume", file=sys.stderr)

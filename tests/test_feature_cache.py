@@ -82,3 +82,107 @@ def test_concurrent_writers_keep_every_row(tmp_path):
     feats, encoded = store.image_features(key, names, lambda indices: 1 / 0)
     assert encoded == 0 and torch.equal(feats, truth)
     assert not [f for f in os.listdir(os.path.join(str(tmp_path), "images")) if f.endswith(".tmp")]
+
+
+def rewrite(path, features, rows=None, meta=None, fix_checksum=True):
+    """Write a cache file with other features (and rows), keeping its key; the checksum recomputed or not."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clipkit.feature_cache import checksum
+
+    with safe_open(path, framework="pt") as f:
+        metadata = dict(f.metadata())
+    if rows is not None:
+        metadata["rows"] = json.dumps(rows)
+    if fix_checksum:
+        metadata["checksum"] = checksum(features, json.loads(metadata["rows"]))
+    metadata.update(meta or {})
+    save_file({"features": features.contiguous()}, path, metadata=metadata)
+
+
+def test_changed_images_under_the_same_split_are_encoded_again(tmp_path, demo_root, capsys):
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(os.path.join(demo_root, "demo"), root / "demo")
+    cache = str(tmp_path / "cache")
+    first = zeroshot(str(root), str(tmp_path / "first"), cache, "DATASET.SUBSAMPLE_CLASSES", "base", capsys=capsys)
+    assert first["feature_cache"]["test"]["images"] == "miss"
+    split = __import__("json").load(open(root / "demo" / "data_split.json"))
+    images = root / "demo" / "images"
+    for rel, _, _ in split["test"]:
+        with Image.open(images / rel) as im:
+            size = im.size
+        Image.new("RGB", size).save(images / rel)
+    again = zeroshot(str(root), str(tmp_path / "again"), cache, "DATASET.SUBSAMPLE_CLASSES", "base", capsys=capsys)
+    assert again["feature_cache"]["test"] == {"images": "miss", "encoded": first["num_samples"], "from_cache": 0}
+    fresh = zeroshot(str(root), str(tmp_path / "fresh"), "", "DATASET.SUBSAMPLE_CLASSES", "base",
+                     "TEST.FEATURE_CACHE", "''", capsys=capsys)
+    assert "feature_cache" not in fresh
+    assert (again["accuracy"], again["macro_f1"]) == (fresh["accuracy"], fresh["macro_f1"])
+    assert again["accuracy"] != first["accuracy"]  # the black images are not classified as the drawn ones were
+    (name,) = image_files(cache)
+    assert len(__import__("safetensors").safe_open(os.path.join(cache, "images", name), "pt").get_tensor("features")) \
+        == first["num_samples"]  # the stale rows were replaced, not kept beside the new ones
+    hit = zeroshot(str(root), str(tmp_path / "hit"), cache, "DATASET.SUBSAMPLE_CLASSES", "base", capsys=capsys)
+    assert hit["feature_cache"]["test"]["images"] == "hit" and hit["accuracy"] == fresh["accuracy"]
+
+    # A file of the wrong width (checksum and key in order) is a miss that is rebuilt, not a traceback.
+    path = os.path.join(cache, "images", name)
+    rewrite(path, torch.randn(first["num_samples"], 7))
+    wide = zeroshot(str(root), str(tmp_path / "wide"), cache, "DATASET.SUBSAMPLE_CLASSES", "base", capsys=capsys)
+    assert wide["feature_cache"]["test"]["images"] == "miss" and wide["accuracy"] == fresh["accuracy"]
+    log = (tmp_path / "wide" / "log.txt").read_text()
+    assert log.count("not used, encoding again") == 1 and "7 wide" in log and "Traceback" not in log
+    hit = zeroshot(str(root), str(tmp_path / "hit2"), cache, "DATASET.SUBSAMPLE_CLASSES", "base", capsys=capsys)
+    assert hit["feature_cache"]["test"]["images"] == "hit"
+
+
+def test_edited_or_foreign_files_are_misses(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    store = FeatureCache(str(tmp_path))
+    key = {"dataset": "d", "split": "test", "backbone": "b"}
+    names = [[f"img{i}.png", 100 + i, 7] for i in range(6)]
+    truth = torch.randn(6, 8)
+    calls = []
+
+    def encode(indices):
+        calls.append(len(indices))
+        return truth[indices]
+
+    store.image_features(key, names, encode, width=8)
+    path = store.image_path(key)
+    assert store.image_features(key, names, encode, width=8)[1] == 0
+
+    def stored_rows():
+        with safe_open(path, framework="pt") as f:
+            return json.loads(f.metadata()["rows"])
+
+    cases = {
+        "values edited": lambda: rewrite(path, truth * 2, fix_checksum=False),
+        "rows edited": lambda: rewrite(path, truth, rows=list(reversed(stored_rows())), fix_checksum=False),
+        "float16": lambda: rewrite(path, truth.half()),
+        "float64": lambda: rewrite(path, truth.double()),
+        "wrong width": lambda: rewrite(path, torch.randn(6, 5)),
+        "three dimensions": lambda: rewrite(path, truth.reshape(6, 2, 4)),
+    }
+    for what, damage in cases.items():
+        damage()
+        feats, encoded = store.image_features(key, names, encode, width=8)
+        assert encoded == 6 and torch.equal(feats, truth), what
+        assert store.image_features(key, names, encode, width=8)[1] == 0, what  # rebuilt
+
+    # A changed image (other size or time) is encoded again and replaces its row.
+    changed = [list(n) for n in names]
+    changed[2][2] = 8
+    feats, encoded = store.image_features(key, changed, lambda idx: torch.ones(len(idx), 8), width=8)
+    assert encoded == 1 and torch.equal(feats[2], torch.ones(8)) and torch.equal(feats[0], truth[0])
+    assert len(stored_rows()) == 6 and changed[2] in stored_rows() and names[2] not in stored_rows()

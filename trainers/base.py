@@ -22,6 +22,15 @@ from clipkit.prompt_layer import ImageEncoder, PromptTokenizer, TextEncoder
 PRECISIONS = ("fp32", "amp", "fp16")
 
 
+def file_stamp(path):
+    """[size, mtime_ns] of a file, [-1, -1] if it cannot be read (its loading then says why)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return [-1, -1]
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 class CLIPTrainer(TrainerX):
     """A TrainerX whose model is built around one frozen open_clip backbone.
 
@@ -32,6 +41,11 @@ class CLIPTrainer(TrainerX):
     """
 
     cfg_key = ""
+
+    @classmethod
+    def descriptions_read(cls, cfg, eval_only):
+        """Names of the datasets whose descriptions file a run with ``cfg`` reads (for its identity)."""
+        return []
 
     @property
     def tcfg(self):
@@ -167,13 +181,22 @@ class CLIPTrainer(TrainerX):
                                    "std": list(cfg.INPUT.PIXEL_STD), "interpolation": cfg.INPUT.INTERPOLATION,
                                    "crop": "resize shorter side, center crop", "no_transform": cfg.INPUT.NO_TRANSFORM})
 
+    def feature_width(self):
+        """D, the width of the backbone's image and text features (what a feature cache file must hold)."""
+        if "_feature_width" not in self.__dict__:
+            width = getattr(self.backbone.model.visual, "output_dim", None)
+            if not isinstance(width, int):
+                width = self.encode_texts_now(["a"]).shape[1]
+            self._feature_width = width
+        return self._feature_width
+
     def encode_texts(self, texts, batch_size=256):
         """Normalized features (n, D) of frozen texts, from the feature cache when it holds them."""
         store = self.feature_cache
         if store is None:
             return self.encode_texts_now(texts, batch_size)
         feats, hit = store.text_features(dict(self.cache_key(), kind="texts"), texts,
-                                         lambda t: self.encode_texts_now(t, batch_size))
+                                         lambda t: self.encode_texts_now(t, batch_size), self.feature_width())
         logger.info(f"text features of {len(texts)} texts: {'from the feature cache' if hit else 'encoded'}")
         self.run_info["feature_cache"].setdefault("texts", []).append("hit" if hit else "miss")
         return feats.to(self.device)
@@ -235,8 +258,9 @@ class CLIPTrainer(TrainerX):
                 feats = self.encode_loader(loader, split)
             else:
                 # Rows are keyed by their path in the image folder, so the base and new halves fill one file.
+                # Size and modification time too: an image changed under the same split is encoded again.
                 folder = os.path.abspath(self.dm.dataset.image_dir)
-                names = [os.path.relpath(os.path.abspath(d.impath), folder) for d in data]
+                names = [[os.path.relpath(os.path.abspath(d.impath), folder), *file_stamp(d.impath)] for d in data]
 
                 def encode(indices):
                     subset = torch.utils.data.Subset(loader.dataset, indices)
@@ -244,7 +268,7 @@ class CLIPTrainer(TrainerX):
                         subset, batch_size=loader.batch_size, num_workers=loader.num_workers,
                         pin_memory=loader.pin_memory), split)
 
-                feats, encoded = store.image_features(self.image_cache_key(split), names, encode)
+                feats, encoded = store.image_features(self.image_cache_key(split), names, encode, self.feature_width())
                 feats = feats.to(self.device)
                 state = "hit" if encoded == 0 else ("miss" if encoded == len(names) else "partial")
                 logger.info(f"{split} image features: {len(names) - encoded} from the feature cache, {encoded} encoded")

@@ -93,6 +93,18 @@ class MedPromptCLIP(CLIPTrainer):
     kind = "text-only"
     uses_frozen_image_features = True
 
+    @classmethod
+    def descriptions_read(cls, cfg, eval_only):
+        if eval_only:
+            return []  # evaluation reads the learned prompts, not the descriptions
+        names = []
+        for target in cfg.TRAINER.MEDPROMPTCLIP.DESCRIPTION_SOURCES or [cfg.DATASET.NAME]:
+            try:
+                names += [n for n in resolve_target(target) if n not in names]
+            except KeyError:
+                names.append(target)  # an unknown source fails when the run starts
+        return names
+
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
         tcfg = cfg.TRAINER.MEDPROMPTCLIP

@@ -45,6 +45,10 @@ class ZeroShotCLIP(CLIPTrainer):
     kind = "zero-shot"
     uses_frozen_image_features = True
 
+    @classmethod
+    def descriptions_read(cls, cfg, eval_only):
+        return [cfg.DATASET.NAME] if cfg.TRAINER.ZEROSHOTCLIP.PROMPT == "descriptions" else []
+
     def method_label(self):
         return f"ZeroShotCLIP ({self.tcfg.PROMPT})"
 
