@@ -8,7 +8,7 @@ import warnings
 import pytest
 from PIL import Image
 
-from conftest import DEMO_CFG, PROJECT_DIR, read_results, recipe, run_train
+from conftest import DEMO_CFG, PROJECT_DIR, SUBPROCESS_ENV, read_results, recipe, run_train
 from core.config import get_cfg_default
 from core.data import DATASET_REGISTRY
 from datasets.catalog import BENCHMARKS, CATALOG
@@ -16,7 +16,7 @@ from datasets.make_split import make_split
 from datasets.split_dataset import read_split_rows
 from datasets.split_files import SHIPPED_DIR, image_folder, load_split_file, shipped_split
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+ENV = dict(SUBPROCESS_ENV, OMP_NUM_THREADS="1")
 
 
 def cli(*args, **kwargs):
