@@ -200,16 +200,14 @@ def test_a_sweep_names_data_when_it_lacks_the_dataset(tmp_path, monkeypatch, cap
 # ---------------------------------------------------------------- rows that cannot run, summaries per target
 
 
-def test_rows_without_descriptions_run_only_when_asked_and_targets_keep_their_summaries(tmp_path):
-    from datasets.demo import generate_demo
-
+def test_rows_without_descriptions_run_only_when_asked_and_targets_keep_their_summaries(tmp_path, monkeypatch, capsys):
     data, out = tmp_path / "data", tmp_path / "out"
-    generate_demo(str(data / "demo"))
+    make_dataset(data, name="Described")
     make_dataset(data, descriptions=False)
-    demo = sweep("zeroshot", "demo", data, out)
-    assert demo.returncode == 0, demo.stderr
+    first = sweep("zeroshot", "Described", data, out)
+    assert first.returncode == 0, first.stderr
     root = out / "zeroshot" / "tiny-clip"
-    demo_summary = {name: (root / "demo" / name).read_bytes() for name in ("summary.md", "summary.json", "sweep.json")}
+    kept = {name: (root / "Described" / name).read_bytes() for name in ("summary.md", "summary.json", "sweep.json")}
 
     refused = sweep("zeroshot", "MyScans", data, out)
     assert refused.returncode == 2
@@ -217,17 +215,21 @@ def test_rows_without_descriptions_run_only_when_asked_and_targets_keep_their_su
     assert "generate_descriptions.py MyScans" in refused.stderr and "--skip-unavailable" in refused.stderr
     assert not (root / "MyScans").exists()
 
-    for how in ({"SKIP_UNAVAILABLE": "1"}, {"extra": "--skip-unavailable"}):
-        extra = [how.pop("extra")] if "extra" in how else []
-        ran = sweep("zeroshot", "MyScans", data, out, *extra, **how)
-        assert ran.returncode == 0, ran.stderr
-        assert "skipped 1 row(s)" in ran.stdout
-        header = ran.stdout.split("accuracy % (mean ± std over seeds)", 1)[1].splitlines()[1]
-        assert "ZeroShotCLIP (template)" in header and "(ensemble)" in header and "(descriptions)" not in header
+    ran = sweep("zeroshot", "MyScans", data, out, SKIP_UNAVAILABLE="1")
+    assert ran.returncode == 0, ran.stderr
+    assert "skipped 1 row(s)" in ran.stdout
+    header = ran.stdout.split("accuracy % (mean ± std over seeds)", 1)[1].splitlines()[1]
+    assert "ZeroShotCLIP (template)" in header and "(ensemble)" in header and "(descriptions)" not in header
     assert json.loads((root / "MyScans" / "sweep.json").read_text())["skipped"] == ["ZeroShotCLIP (descriptions) on MyScans"]
-    assert {name: (root / "demo" / name).read_bytes() for name in demo_summary} == demo_summary
+    assert {name: (root / "Described" / name).read_bytes() for name in kept} == kept  # the other target's summaries
+    code, stdout, _ = sweep_here(monkeypatch, capsys, "zeroshot", "MyScans", data, out, SKIP_UNAVAILABLE="")
+    assert code == 2
+    import sweep as sweep_script
+
+    assert sweep_script.main(["zeroshot", "MyScans", "--skip-unavailable"]) == 0  # the flag, as the variable
+    assert "reused " in capsys.readouterr().out
 
     several = cli("scripts/aggregate.py", "zeroshot", root)
-    assert several.returncode == 1 and "several targets (MyScans, demo); choose one with --target" in several.stderr
-    again = cli("scripts/aggregate.py", "zeroshot", root, "--dataset", "demo")
-    assert again.returncode == 0 and "demo" in again.stdout and "MyScans" not in again.stdout
+    assert several.returncode == 1 and "several targets (Described, MyScans); choose one with --target" in several.stderr
+    again = cli("scripts/aggregate.py", "zeroshot", root, "--dataset", "Described")
+    assert again.returncode == 0 and "Described" in again.stdout and "MyScans" not in again.stdout

@@ -324,3 +324,24 @@ def test_fewshot_sweep_stacks_the_papers_ivlp_setting_on_a_reshaped_source(tmp_p
     assert stacked["config"]["TRAINER"]["IVLP"]["N_CTX_TEXT"] == 4
     assert json.loads((source / "results.json").read_text())["config"]["TRAINER"]["MEDPROMPTCLIP"]["N_CTX"] == 4
     assert "IVLP+MedPromptCLIP" in proc.stdout and "MedPromptCLIP-source" not in proc.stdout.split("accuracy %", 1)[1]
+
+
+def test_aggregate_options_and_any_metric_of_results_json(tmp_path):
+    helped = subprocess.run([sys.executable, os.path.join(PROJECT_DIR, "scripts", "aggregate.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0
+    for option in ("--target", "--dataset", "--metric", *aggregate.METRICS):
+        assert option in helped.stdout
+    root = str(tmp_path / "A-sweep")
+    for subsample, acc in (("base", 80), ("new", 40)):
+        write_result(root, "A", "CoOp", 1, subsample, acc)  # macro_f1 is half the accuracy
+    data = aggregate.report("base2new", root, quiet=True, metric="macro_f1")
+    row = data["per_dataset"][0]
+    assert (row["base"], row["new"]) == (40, 20) and row["hm"] == pytest.approx(2 * 40 * 20 / 60)
+    assert "macro F1 %" in (tmp_path / "A-sweep" / "summary.md").read_text()
+    proc = subprocess.run([sys.executable, os.path.join(PROJECT_DIR, "scripts", "aggregate.py"), "base2new", root,
+                           "--metric", "macro_f1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "26.7" in proc.stdout  # HM of 40 and 20
+    bad = subprocess.run([sys.executable, os.path.join(PROJECT_DIR, "scripts", "aggregate.py"), "base2new", root,
+                          "--target", "B"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "no target 'B'" in bad.stderr
