@@ -78,8 +78,8 @@ def datasets_of(target, data=None):
     except KeyError as e:
         if data is not None and target not in GROUPS:
             if not os.path.isdir(data):
-                raise UserError(f"unknown dataset '{target}': the data root DATA={data} does not exist; set DATA to the "
-                                f"folder that holds {target}/") from None
+                raise UserError(f"unknown dataset or group '{target}': not in the catalog, and the data root "
+                                f"DATA={data} does not exist; set DATA to the folder that holds {target}/") from None
             if not os.path.isdir(os.path.join(data, target)):
                 raise UserError(f"{e.args[0]}; DATA={data} has no folder {target}/") from None
             raise UserError(f"DATA={data}/{target} holds no dataset.yaml; sort its images into {target}/<class>/ and run "
