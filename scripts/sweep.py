@@ -6,7 +6,6 @@
     python scripts/sweep.py zeroshot TARGET [--status]
     ... [--skip-unavailable]
 
-
 TARGET is a dataset, a modality group (fundus, oct, pathology, xray, ..., eye, all) or demo,
 or a dataset declared in data (DATA/<name>/dataset.yaml, written by python -m datasets.make_split --folder).
 --status shows which runs are done, running, failed or pending, and starts nothing.
@@ -524,6 +523,9 @@ def main(argv=None):
         else:
             datasets_of(target, settings.data)  # an unknown target names DATA
             plan = PROTOCOLS[protocol](settings)
+        if not plan.runs:
+            raise UserError(f"no row of {protocol} {target} can run (see the rows skipped above); generate the "
+                            f"descriptions they need or choose other METHODS")
         plan.resolve()
         if show_status:
             status(plan)
