@@ -127,6 +127,9 @@ def test_folder_dataset_from_tree_to_base2new_table(tmp_path):
     table = sweep.stdout.split("MyScans: base-to-new", 1)[1]
     for method in ("MedPromptCLIP", "CoOp", "ZeroShotCLIP"):
         assert method in table
+    # 16 shots asked, 4 training images per class: the CoOp row is marked and explained under the table.
+    assert "\nCoOp* " in table and "* CoOp on MyScans: 2 class(es) had fewer than 16 training images (down to 4" in table
+    assert "\nMedPromptCLIP " in table  # text-only: no shots to fall short of
     runs = tmp_path / "out" / "base2new" / "tiny-clip" / "MyScans"
     (coop_dir,) = runs.glob("shots_*/CoOp/*/seed1/base")
     coop = read_results(coop_dir)
