@@ -60,15 +60,12 @@ def build_parser():
 def setup_cfg(args):
     import trainers
     from core.engine import TRAINER_REGISTRY
-    from datasets.declared import apply_declaration, is_declaration
+    from datasets.declared import merge_dataset_file
 
     cfg = get_cfg_default()
     trainers.extend_cfg(cfg)
     if args.dataset_config_file:
-        if os.path.isfile(args.dataset_config_file) and is_declaration(args.dataset_config_file):
-            apply_declaration(cfg, args.dataset_config_file)
-        else:
-            merge_from_file(cfg, args.dataset_config_file)
+        merge_dataset_file(cfg, args.dataset_config_file)
     if args.config_file:
         merge_from_file(cfg, args.config_file)
     if args.root:
@@ -281,7 +278,7 @@ def check_early(args, cfg=None):
     Without ``cfg`` (before the trainers, hence torch, are imported) only what the default config
     can tell: the trainer name, override keys outside TRAINER, and the dataset name.
     """
-    from datasets.declared import entry_for_cfg, is_declaration
+    from datasets.declared import entry_for_cfg, is_declaration, merge_dataset_file
     from trainers import TRAINER_NAMES
 
     name = cfg.TRAINER.NAME if cfg is not None else args.trainer
@@ -292,7 +289,7 @@ def check_early(args, cfg=None):
         path = args.dataset_config_file
         if path and os.path.isfile(path) and not is_declaration(path):
             try:
-                merge_from_file(light, path)
+                merge_dataset_file(light, path)
             except UserError:
                 return  # a key only a trainer defines: setup_cfg reports anything wrong
         if len(args.opts) % 2 == 0:

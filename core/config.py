@@ -67,7 +67,8 @@ _C.DATASET.CLASSNAMES = ()
 _C.DATASET.MODALITY = ""
 # Zero-shot prompt sentence; "{}" is the class name. Empty = the modality's template.
 _C.DATASET.TEMPLATE = ""
-# Descriptions file {classname: [descriptions]}; relative paths start at the project folder.
+# Descriptions file {classname: [descriptions]}; a relative path in a dataset YAML starts at that file's
+# folder, one given as an override at the project folder.
 # Empty = DESCRIPTIONS_DIR/<name>.json.
 _C.DATASET.DESCRIPTIONS_FILE = ""
 # Images per class sampled for training (few-shot); -1 = all training images.

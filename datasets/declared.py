@@ -133,10 +133,33 @@ def _config_declaration(path):
         return None
     entry = make_entry(
         node.get("NAME", ""), node["CLASSNAMES"], node.get("MODALITY", ""), node.get("TEMPLATE", ""),
-        _project_path(node.get("DESCRIPTIONS_FILE", "")), where=os.path.abspath(path),
+        _file_relative(node.get("DESCRIPTIONS_FILE", ""), path), where=os.path.abspath(path),
     )
     DECLARED[entry.name] = entry
     return entry
+
+
+def _file_relative(path, yaml_path):
+    """A path written in a YAML file, relative to that file's folder."""
+    if not path or not isinstance(path, str):
+        return path or ""
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(yaml_path)), path))
+
+
+def merge_dataset_file(cfg, path):
+    """Merge ``--dataset-config-file``: a declaration (dataset.yaml) or a config YAML with DATASET keys.
+
+    Paths it holds (DESCRIPTIONS_FILE) resolve against the file's folder, wherever the command runs."""
+    from core.config import _read_yaml, merge_from_file
+
+    if os.path.isfile(path) and is_declaration(path):
+        return apply_declaration(cfg, path)
+    merge_from_file(cfg, path)
+    written = ((_read_yaml(path).get("DATASET") or {}) if os.path.isfile(path) else {}).get("DESCRIPTIONS_FILE")
+    if isinstance(written, str) and written:
+        cfg.DATASET.DESCRIPTIONS_FILE = _file_relative(written, path)
+    return None
 
 
 def _project_path(path):

@@ -135,6 +135,14 @@ class SplitDataset(DatasetBase):
         train, val, test = self.subsample_classes(train, val, test, subsample=subsample,
                                                   labels=range(entry.num_classes))
         classnames = self.subsample_classnames(subsample)
+        if num_shots >= 1:
+            # What training saw, for results.json: distinct images per class (fewer than asked where a class is short).
+            per_class = Counter()
+            for d in {(d.impath, d.classname) for d in train}:
+                per_class[d[1]] += 1
+            counts = {c: per_class.get(c, 0) for c in classnames}
+            self.shots_used = {"asked": num_shots, "min": min(counts.values(), default=0),
+                               "max": max(counts.values(), default=0), "per_class": counts}
         logger.info(
             f"dataset {entry.name}: {len(classnames)} classes ({subsample}), "
             f"train {len(train)}, val {len(val)}, test {len(test)}"

@@ -1,15 +1,18 @@
 """Tables, CSV/JSON/Markdown summaries and plots from results.json files (never from logs).
 
-    python scripts/aggregate.py base2new output/base2new/demo-clip
-    python scripts/aggregate.py fewshot output/fewshot/demo-clip
-    python scripts/aggregate.py crossmodal output/crossmodal/demo-clip/pool-eye
-    python scripts/aggregate.py zeroshot output/zeroshot/demo-clip
+    python scripts/aggregate.py base2new output/base2new/demo-clip --target demo
+    python scripts/aggregate.py fewshot output/fewshot/demo-clip --target demo --metric macro_f1
+    python scripts/aggregate.py crossmodal output/crossmodal/demo-clip/pool-eye --target eye
+    python scripts/aggregate.py zeroshot output/zeroshot/demo-clip/demo
 
-The runs are those the last sweep on ROOT asked for (ROOT/sweep.json), or without it every
-results.json under ROOT. The method, its kind and every number come from results.json. A row with
-fewer seeds than asked for says so (e.g. 2/3); a run asked for that is missing, incomplete or holds
-other settings is listed and the exit status is 1. Summaries are written to ROOT/summary.{csv,json,md}
-(and ROOT/fewshot.png for few-shot).
+A sweep writes its summaries per target (the dataset or group it was given) into
+ROOT/<target>/, with the list of runs it asked for (sweep.json). The runs are those of FOLDER/sweep.json
+(FOLDER = ROOT/<target>, or ROOT itself if it holds a sweep.json or is the only target's), or without
+it every results.json under FOLDER. The method, its kind and every number come from results.json.
+A row with fewer seeds than asked for says so (e.g. 2/3); a cell trained on fewer images per class
+than its column says is marked (*) and explained under the table; a run asked for that is missing,
+incomplete or holds other settings is listed and the exit status is 1. Summaries are written to
+FOLDER/summary.{csv,json,md} (and FOLDER/fewshot.png for few-shot).
 """
 from __future__ import annotations
 
@@ -34,6 +37,15 @@ MANIFEST = "sweep.json"
 # Fields without which a results.json is not a finished run.
 REQUIRED = ("trainer", "method", "kind", "dataset", "seed", "identity", "finished")
 KINDS = ("zero-shot", "text-only", "image-trained")
+# The metrics of results.json a table can report (--metric); each is a number or None in every record.
+METRICS = ("accuracy", "macro_f1")
+METRIC_LABELS = {"accuracy": "accuracy %", "macro_f1": "macro F1 %"}
+# Marks a cell trained on fewer images per class than its column says.
+SHORT_MARK = "*"
+
+
+def metric_label(metric):
+    return METRIC_LABELS.get(metric, metric)
 
 
 def read_result(folder):
@@ -63,7 +75,7 @@ def collect(root, manifest=None):
         with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
     if manifest is not None:
-        folders = [(os.path.join(root, e["path"]), e["identity"]) for e in manifest["runs"]]
+        folders = [(os.path.normpath(os.path.join(root, e["path"])), e["identity"]) for e in manifest["runs"]]
     else:
         folders = []
         for d, subdirs, files in os.walk(root):
@@ -88,9 +100,12 @@ def expected_seeds(records, manifest):
     if manifest is not None:
         n = len(manifest.get("seeds") or [])
     else:
-        per_row = Counter((r["dataset"], r["method"], r.get("num_shots")) for r in records
-                          if r.get("kind") != "zero-shot" and r.get("subsample") != "new")
-        n = max(per_row.values(), default=1)
+        # Distinct seeds of evaluated runs: a run that only trains (a stacking source, TEST.NO_TEST) is no seed.
+        per_row = defaultdict(set)
+        for r in records:
+            if r.get("kind") != "zero-shot" and r.get("subsample") != "new" and r.get("accuracy") is not None:
+                per_row[(r["dataset"], r["method"], r.get("num_shots"))].add(r["seed"])
+        n = max((len(s) for s in per_row.values()), default=1)
     return lambda kind: 1 if kind == "zero-shot" else max(n, 1)
 
 
@@ -149,18 +164,50 @@ def describe(records, dataset, subsample=None):
     return split, n
 
 
+def short_shots(record):
+    """{"asked", "min", "classes"} if the run trained on fewer images per class than the shots asked, else None."""
+    used = record.get("shots_used")
+    asked = record.get("num_shots") or 0
+    if record.get("kind") != "image-trained" or not isinstance(used, dict) or asked < 1:
+        return None
+    if used.get("min") is None or used["min"] >= asked:
+        return None
+    classes = sorted(c for c, n in (used.get("per_class") or {}).items() if n < asked)
+    return {"asked": asked, "min": used["min"], "classes": classes}
+
+
+def merge_short(infos):
+    """One note for a cell from its seeds' short_shots (None if every seed had the shots asked)."""
+    infos = [i for i in infos if i]
+    if not infos:
+        return None
+    return {"asked": infos[0]["asked"], "min": min(i["min"] for i in infos),
+            "classes": sorted({c for i in infos for c in i["classes"]})}
+
+
+def short_note(dataset, method, short, column=None):
+    where = f"{method} on {dataset}" + (f", {column}" if column else "")
+    return (f"{SHORT_MARK} {where}: {len(short['classes'])} class(es) had fewer than {short['asked']} training images "
+            f"(down to {short['min']}; {', '.join(short['classes'])}); all of theirs were used")
+
+
+def with_notes(table, notes):
+    return table + ("\n" + "\n".join(notes) if notes else "")
+
+
 # ---------------------------------------------------------------------------- base-to-new
 
 
-def base2new_summary(records, expected):
-    """Per dataset and method: base, new, HM (mean and std over seeds); plus averages over datasets."""
+def base2new_summary(records, expected, metric="accuracy"):
+    """Per dataset and method: base, new, HM of ``metric`` (mean and std over seeds); plus averages over datasets."""
     runs = defaultdict(lambda: defaultdict(dict))  # (dataset, method) -> seed -> {base, new}
-    kinds = {}
+    kinds, shorts = {}, defaultdict(list)
     for r in records:
-        if r.get("accuracy") is None or r.get("subsample") not in ("base", "new"):
+        if r.get(metric) is None or r.get("subsample") not in ("base", "new"):
             continue
-        runs[(r["dataset"], r["method"])][r["seed"]][r["subsample"]] = r["accuracy"]
+        runs[(r["dataset"], r["method"])][r["seed"]][r["subsample"]] = r[metric]
         kinds[r["method"]] = r["kind"]
+        shorts[(r["dataset"], r["method"])].append(short_shots(r))
     rows = []
     for (dataset, method), seeds in sorted(runs.items()):
         base = [s.get("base") for s in seeds.values()]
@@ -172,7 +219,8 @@ def base2new_summary(records, expected):
         complete = sum(1 for s in seeds.values() if "base" in s and "new" in s)
         rows.append({"dataset": dataset, "method": method, "kind": kinds[method], "seeds": complete,
                      "seeds_expected": expected(kinds[method]), "base": b, "base_std": bsd,
-                     "new": n, "new_std": nsd, "hm": h, "hm_std": hsd})
+                     "new": n, "new_std": nsd, "hm": h, "hm_std": hsd, "metric": metric,
+                     "short_shots": merge_short(shorts[(dataset, method)])})
     averages = []
     by_method = defaultdict(list)
     for row in rows:
@@ -193,14 +241,17 @@ def base2new_tables(rows, averages, records, context, tablefmt="simple"):
         items = [r for r in rows if r["dataset"] == dataset]
         order = method_order([i["method"] for i in items], kinds)
         items.sort(key=lambda r: order.index(r["method"]))
-        table = [[r["method"], fmt(r["base"], r["base_std"]), fmt(r["new"], r["new_std"]), fmt(r["hm"], r["hm_std"]),
+        table = [[r["method"] + (SHORT_MARK if r.get("short_shots") else ""), fmt(r["base"], r["base_std"]),
+                  fmt(r["new"], r["new_std"]), fmt(r["hm"], r["hm_std"]),
                   seeds_cell(r["seeds"], r["seeds_expected"])] for r in items]
+        notes = [short_note(dataset, r["method"], r["short_shots"]) for r in items if r.get("short_shots")]
         halves = [describe(records, dataset, half) for half in ("base", "new")]
         split = ", ".join(f"{half} {d[1]} images" for half, d in zip(("base", "new"), halves) if d)
         split_name = next((d[0] for d in halves if d), "test")
+        metric = items[0].get("metric", "accuracy")
         out.append(f"{dataset}: base-to-new, {context}, {split_name} split ({split}); "
-                   f"accuracy %, mean ± std over seeds\n"
-                   + grid(table, ["method", "base", "new", "HM", "seeds"], tablefmt))
+                   f"{metric_label(metric)}, mean ± std over seeds\n"
+                   + with_notes(grid(table, ["method", "base", "new", "HM", "seeds"], tablefmt), notes))
     order = method_order([a["method"] for a in averages], kinds)
     averages = sorted(averages, key=lambda a: order.index(a["method"]))
     table = [[a["method"], fmt(a["base"]), fmt(a["new"]), fmt(a["hm_of_averages"]), fmt(a["mean_of_hms"]), a["datasets"]]
@@ -218,30 +269,35 @@ def shots_of(record):
     return max(record.get("num_shots") or 0, 0) if record["kind"] == "image-trained" else 0
 
 
-def fewshot_summary(records, expected):
-    """Accuracy (mean, std over seeds) per dataset, method and shots; average over datasets."""
+def fewshot_summary(records, expected, metric="accuracy"):
+    """``metric`` (mean, std over seeds) per dataset, method and shots; average over datasets."""
     runs = defaultdict(list)
-    kinds = {}
+    kinds, shorts = {}, defaultdict(list)
     for r in records:
-        if r.get("accuracy") is not None:
-            runs[(r["dataset"], r["method"], shots_of(r))].append(r["accuracy"])
+        if r.get(metric) is not None:
+            runs[(r["dataset"], r["method"], shots_of(r))].append(r[metric])
             kinds[r["method"]] = r["kind"]
+            shorts[(r["dataset"], r["method"], shots_of(r))].append(short_shots(r))
     rows = []
     for (dataset, method, shots), accs in sorted(runs.items()):
         m, sd = mean_std(accs)
-        rows.append({"dataset": dataset, "method": method, "kind": kinds[method], "shots": shots, "accuracy": m,
-                     "std": sd, "seeds": len(accs), "seeds_expected": expected(kinds[method])})
+        rows.append({"dataset": dataset, "method": method, "kind": kinds[method], "shots": shots, metric: m,
+                     "std": sd, "seeds": len(accs), "seeds_expected": expected(kinds[method]), "metric": metric,
+                     "short_shots": merge_short(shorts[(dataset, method, shots)])})
     avg = defaultdict(list)
+    avg_short = defaultdict(list)
     for r in rows:
-        avg[(r["method"], r["shots"])].append(r["accuracy"])
+        avg[(r["method"], r["shots"])].append(r[metric])
+        avg_short[(r["method"], r["shots"])].append(r["short_shots"])
     for (method, shots), accs in sorted(avg.items()):
         rows.append({"dataset": "average", "method": method, "kind": kinds[method], "shots": shots,
-                     "accuracy": mean_std(accs)[0], "std": None, "seeds": None, "seeds_expected": None})
+                     metric: mean_std(accs)[0], "std": None, "seeds": None, "seeds_expected": None, "metric": metric,
+                     "short_shots": merge_short(avg_short[(method, shots)])})
     return rows
 
 
 def fewshot_cell(row):
-    cell = fmt(row["accuracy"], row["std"])
+    cell = fmt(row[row.get("metric", "accuracy")], row["std"]) + (SHORT_MARK if row.get("short_shots") else "")
     if row["seeds"] is not None and row["seeds"] < row["seeds_expected"]:
         cell += f" ({row['seeds']}/{row['seeds_expected']} seeds)"
     return cell
@@ -262,14 +318,19 @@ def fewshot_tables(rows, records, context, tablefmt="simple"):
                 table.append([method + " (0-shot)", *([cells[0]] * len(shots))])
             else:
                 table.append([method, *[cells.get(k, "-") for k in shots]])
+        notes = [short_note(dataset, r["method"], r["short_shots"], f"{r['shots']} shots")
+                 for r in items if r.get("short_shots") and dataset != "average"]
+        if dataset == "average" and any(r.get("short_shots") for r in items):
+            notes = [f"{SHORT_MARK} averages over datasets where some classes had fewer training images than the shots"]
         where = describe(records, dataset)
         split = f", {where[0]} split ({where[1]} images)" if where else ""
-        out.append(f"{dataset}: few-shot, {context}{split}; accuracy %, mean ± std over seeds\n"
-                   + grid(table, ["method", *[f"{k} shots" for k in shots]], tablefmt))
+        metric = items[0].get("metric", "accuracy") if items else "accuracy"
+        out.append(f"{dataset}: few-shot, {context}{split}; {metric_label(metric)}, mean ± std over seeds\n"
+                   + with_notes(grid(table, ["method", *[f"{k} shots" for k in shots]], tablefmt), notes))
     return "\n\n".join(out)
 
 
-def fewshot_plot(rows, records, context, path):
+def fewshot_plot(rows, records, context, path, metric="accuracy"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,7 +344,7 @@ def fewshot_plot(rows, records, context, path):
     for ax, dataset in zip(axes[0], datasets):
         items = [r for r in rows if r["dataset"] == dataset]
         for method in method_order({r["method"] for r in items}, kinds):
-            points = sorted((r["shots"], r["accuracy"], r["std"] or 0.0) for r in items if r["method"] == method)
+            points = sorted((r["shots"], r[metric], r["std"] or 0.0) for r in items if r["method"] == method)
             if points and points[0][0] == 0:
                 zero_shot = kinds[method] == "zero-shot"
                 ax.axhline(points[0][1], linestyle="--" if zero_shot else ":", linewidth=1.2,
@@ -301,11 +362,11 @@ def fewshot_plot(rows, records, context, path):
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.minorticks_off()
         ax.set_xlabel("shots per class")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(metric_label(metric))
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
     epochs = sorted({(r["method"], r.get("epochs")) for r in records
-                     if r.get("epochs") and r["kind"] != "zero-shot" and r.get("accuracy") is not None})
+                     if r.get("epochs") and r["kind"] != "zero-shot" and r.get(metric) is not None})
     fig.suptitle(f"{context}; shaded: ± std over seeds\nepochs: "
                  + ", ".join(f"{m} {e}" for m, e in epochs), fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -320,15 +381,16 @@ def fewshot_plot(rows, records, context, path):
 # ---------------------------------------------------------------------------- zero-shot / cross-modal
 
 
-def per_dataset_summary(records, expected):
+def per_dataset_summary(records, expected, metric="accuracy"):
     runs = defaultdict(list)
     kinds = {}
     for r in records:
-        if r.get("accuracy") is not None:
-            runs[(r["dataset"], r["method"])].append(r["accuracy"])
+        if r.get(metric) is not None:
+            runs[(r["dataset"], r["method"])].append(r[metric])
             kinds[r["method"]] = r["kind"]
-    return [{"dataset": d, "method": m, "kind": kinds[m], "accuracy": mean_std(a)[0], "std": mean_std(a)[1],
-             "seeds": len(a), "seeds_expected": expected(kinds[m])} for (d, m), a in sorted(runs.items())]
+    return [{"dataset": d, "method": m, "kind": kinds[m], metric: mean_std(a)[0], "std": mean_std(a)[1],
+             "seeds": len(a), "seeds_expected": expected(kinds[m]), "metric": metric}
+            for (d, m), a in sorted(runs.items())]
 
 
 def per_dataset_table(rows, context, tablefmt="simple"):
@@ -337,9 +399,10 @@ def per_dataset_table(rows, context, tablefmt="simple"):
     datasets = sorted({r["dataset"] for r in rows})
     cell = {(r["dataset"], r["method"]): r for r in rows}
     table = [[d, *[fewshot_cell(cell[(d, m)]) if (d, m) in cell else "-" for m in methods]] for d in datasets]
-    averages = [mean_std([cell[(d, m)]["accuracy"] for d in datasets if (d, m) in cell])[0] for m in methods]
+    metric = rows[0].get("metric", "accuracy") if rows else "accuracy"
+    averages = [mean_std([cell[(d, m)][metric] for d in datasets if (d, m) in cell])[0] for m in methods]
     table.append(["average", *[fmt(a) for a in averages]])
-    return (f"{context}; accuracy % (mean ± std over seeds)\n"
+    return (f"{context}; {metric_label(metric)} (mean ± std over seeds)\n"
             + grid(table, ["dataset", *methods], tablefmt))
 
 
@@ -369,8 +432,8 @@ def sweep_context(records, manifest):
     return f"backbone {', '.join(backbones) or '?'}, seeds {' '.join(str(s) for s in seeds)}"
 
 
-def report(protocol, root, quiet=False, manifest=None):
-    """Build the protocol's tables from root, write summary files beside the runs, print the table.
+def report(protocol, root, quiet=False, manifest=None, metric="accuracy"):
+    """Build the protocol's tables of ``metric`` from root, write summary files into root, print the table.
 
     Returns the summary data; its "problems" lists the runs asked for that are missing or broken.
     """
@@ -383,24 +446,31 @@ def report(protocol, root, quiet=False, manifest=None):
     expected = expected_seeds(records, manifest)
     context = sweep_context(records, manifest)
     if protocol == "base2new":
-        rows, averages = base2new_summary(records, expected)
+        rows, averages = base2new_summary(records, expected, metric)
         text = base2new_tables(rows, averages, records, context)
         markdown = base2new_tables(rows, averages, records, context, "github")
         data = {"per_dataset": rows, "average": averages}
         _write_csv(os.path.join(root, "summary_average.csv"), averages)
     elif protocol == "fewshot":
-        rows = fewshot_summary(records, expected)
+        rows = fewshot_summary(records, expected, metric)
         text, markdown = fewshot_tables(rows, records, context), fewshot_tables(rows, records, context, "github")
         data = {"rows": rows}
-        fewshot_plot(rows, records, context, os.path.join(root, "fewshot.png"))
+        fewshot_plot(rows, records, context, os.path.join(root, "fewshot.png"), metric)
     elif protocol in ("crossmodal", "zeroshot"):
-        rows = per_dataset_summary(records, expected)
+        rows = per_dataset_summary(records, expected, metric)
         text, markdown = per_dataset_table(rows, context), per_dataset_table(rows, context, "github")
         data = {"rows": rows}
     else:
         raise UserError(f"unknown protocol {protocol}; use base2new, fewshot, crossmodal or zeroshot")
     data["problems"] = problems
-    _write_csv(os.path.join(root, "summary.csv"), rows)
+    data["metric"] = metric
+    if manifest is not None:
+        data["target"] = manifest.get("target")
+        data["seeds"] = manifest.get("seeds")
+    shorts = [short_note(r["dataset"], r["method"], r["short_shots"], f"{r['shots']} shots" if "shots" in r else None)
+              for r in rows if r.get("short_shots") and r["dataset"] != "average"]
+    _write_csv(os.path.join(root, "summary.csv"), [{k: v for k, v in r.items() if k != "short_shots"}
+                                                    | {"short_shots": bool(r.get("short_shots"))} for r in rows])
     write_json_atomic(os.path.join(root, "summary.json"), data)
     with atomic_open(os.path.join(root, "summary.md"), "w", encoding="utf-8") as f:
         f.write(markdown + "\n")
@@ -409,6 +479,9 @@ def report(protocol, root, quiet=False, manifest=None):
         print(text)
         print(f"\nsummaries: {os.path.join(root, 'summary.{csv,json,md}')}"
               + (f", plot: {os.path.join(root, 'fewshot.png')}" if protocol == "fewshot" else ""))
+        for note in shorts:
+            print(f"warning: fewer training images than the shots asked: {note.lstrip(SHORT_MARK + ' ')}",
+                  file=sys.stderr)
     if problems:
         print(f"error: {len(problems)} of the runs asked for are missing or broken (rows above show the seeds they "
               f"have); rerun the sweep to redo them:", file=sys.stderr)
@@ -419,13 +492,45 @@ def report(protocol, root, quiet=False, manifest=None):
     return data
 
 
+PROTOCOLS = ("base2new", "fewshot", "crossmodal", "zeroshot")
+
+
+def summary_folder(root, target=""):
+    """The folder whose sweep.json (or results.json files) a table is built from."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root} does not exist; pass the folder a sweep wrote, e.g. output/base2new/demo-clip")
+    targets = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, MANIFEST)))
+    if target:
+        folder = os.path.join(root, target)
+        if not os.path.isdir(folder):
+            raise UserError(f"no target '{target}' under {root}" + (f"; targets there: {', '.join(targets)}" if targets
+                                                                     else "; no sweep has written summaries there"))
+        return folder
+    if os.path.isfile(os.path.join(root, MANIFEST)) or not targets:
+        return root
+    if len(targets) == 1:
+        return os.path.join(root, targets[0])
+    raise UserError(f"{root} holds the summaries of several targets ({', '.join(targets)}); choose one with --target")
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python scripts/aggregate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("protocol", choices=PROTOCOLS, help="the sweep's protocol")
+    p.add_argument("root", help="the sweep's output folder, OUTPUT/<protocol>/<backbone> (crossmodal: .../pool-<POOL>)")
+    p.add_argument("--target", "--dataset", dest="target", default="",
+                   help="the dataset or group the sweep was given (its summaries are in ROOT/<target>/)")
+    p.add_argument("--metric", choices=METRICS, default="accuracy",
+                   help="the results.json metric to tabulate (HM is computed on it); default accuracy")
+    return p
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print(__doc__, file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        data = report(argv[0], argv[1])
+        data = report(args.protocol, summary_folder(args.root, args.target), metric=args.metric)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

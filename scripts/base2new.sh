@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # base2new sweep over a dataset, a modality group or the demo: bash scripts/base2new.sh TARGET
-# Settings from the environment: DATA, OUTPUT, BACKBONE, METHODS, SEEDS, SHOTS, OPTS, LAUNCHER
+# Settings from the environment: DATA, OUTPUT, BACKBONE, METHODS, SEEDS, SHOTS, OPTS, LAUNCHER, SKIP_UNAVAILABLE
 # (see scripts/sweep.py for their defaults). Finished runs are reused.
 set -euo pipefail
 if [ $# -lt 1 ]; then

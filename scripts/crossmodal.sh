@@ -2,7 +2,7 @@
 # Cross-modal transfer: MedPromptCLIP trained on the descriptions of POOL (a modality group or all),
 # evaluated on every dataset of TARGET next to zero-shot CLIP (template and description ensemble).
 #   bash scripts/crossmodal.sh TARGET [POOL]      (POOL defaults to TARGET)
-# Settings from the environment: DATA, OUTPUT, BACKBONE, SEEDS, OPTS, LAUNCHER (see scripts/sweep.py).
+# Settings from the environment: DATA, OUTPUT, BACKBONE, SEEDS, OPTS, LAUNCHER, SKIP_UNAVAILABLE (see scripts/sweep.py).
 set -euo pipefail
 if [ $# -lt 1 ]; then
     echo "usage: bash scripts/crossmodal.sh TARGET [POOL]" >&2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fewshot sweep over a dataset, a modality group or the demo: bash scripts/fewshot.sh TARGET
-# Settings from the environment: DATA, OUTPUT, BACKBONE, METHODS, SEEDS, SHOTS, OPTS, LAUNCHER
+# Settings from the environment: DATA, OUTPUT, BACKBONE, METHODS, SEEDS, SHOTS, OPTS, LAUNCHER, SKIP_UNAVAILABLE
 # (see scripts/sweep.py for their defaults). Finished runs are reused.
 set -euo pipefail
 if [ $# -lt 1 ]; then

@@ -4,10 +4,15 @@
     python scripts/sweep.py fewshot TARGET [--status]
     python scripts/sweep.py crossmodal TARGET [POOL] [--status]
     python scripts/sweep.py zeroshot TARGET [--status]
+    ... [--skip-unavailable]
 
 TARGET is a dataset, a modality group (fundus, oct, pathology, xray, ..., eye, all) or demo,
 or a dataset declared in data (DATA/<name>/dataset.yaml, written by python -m datasets.make_split --folder).
 --status shows which runs are done, running, failed or pending, and starts nothing.
+Before the first run every listed image is decoded (once; remembered) and the descriptions the
+methods need are checked: any problem stops the sweep with the full list. Rows that need
+descriptions a dataset lacks stop it too, unless --skip-unavailable (SKIP_UNAVAILABLE=1) runs the others.
+Summaries, plots and sweep.json go to OUTPUT/<protocol>/<backbone>/[pool-<POOL>/]<TARGET>/.
 Settings come from environment variables (defaults in brackets):
   DATA      data root                                         [./data]
   OUTPUT    output root                                       [./output]
@@ -16,6 +21,7 @@ Settings come from environment variables (defaults in brackets):
   SEEDS     seeds                                             [1 2 3]
   SHOTS     shots for fewshot (and for image-based base2new)  [1 2 4 8 16] / [16]
   OPTS      extra KEY VALUE overrides for every run           []
+  SKIP_UNAVAILABLE  1: as --skip-unavailable                 []
   LAUNCHER  local (in this process), local:N (N worker processes, one GPU each when
             CUDA_VISIBLE_DEVICES lists several) or slurm (jobs through submitit)   [local]
   SLURM_PARTITION, SLURM_TIME (minutes), SLURM_GPUS (per job), SLURM_CPUS (per job),
@@ -61,23 +67,41 @@ class Settings:
         self.base2new_shots = int(env.get("SHOTS", "16").split()[-1])
         self.opts = env.get("OPTS", "").split()
         self.launcher = env.get("LAUNCHER", "local")
+        self.skip_unavailable = env.get("SKIP_UNAVAILABLE", "").strip().lower() in ("1", "true", "yes")
+        # (dataset, row) pairs that cannot run (preflight fills it; with skip_unavailable they are left out).
+        self.unavailable = set()
 
 
-def datasets_of(target):
-    from datasets.catalog import resolve_target
+def datasets_of(target, data=None):
+    from datasets.catalog import GROUPS, resolve_target
 
     try:
         return resolve_target(target)
     except KeyError as e:
+        if data is not None and target not in GROUPS:
+            if not os.path.isdir(data):
+                raise UserError(f"unknown dataset or group '{target}': not in the catalog, and the data root "
+                                f"DATA={data} does not exist; set DATA to the folder that holds {target}/") from None
+            if not os.path.isdir(os.path.join(data, target)):
+                raise UserError(f"{e.args[0]}; DATA={data} has no folder {target}/") from None
+            raise UserError(f"DATA={data}/{target} holds no dataset.yaml; sort its images into {target}/<class>/ and run "
+                            f"python -m datasets.make_split --root {data} --folder {target}") from None
         raise UserError(e.args[0]) from None
 
 
-def preflight(settings, names):
-    """Stop before training anything if a dataset folder or the backbone's weights are missing."""
+def needs_descriptions(dataset, row, classnames, sources=None):
+    """A row that needs descriptions: (dataset, row label, [(descriptions dataset, class names)])."""
+    return dataset, row, list(sources) if sources is not None else [(dataset, list(classnames))]
+
+
+def preflight(settings, names, rows=()):
+    """Stop before training anything if a dataset folder, an image, a descriptions file or the backbone's
+    weights is missing or broken. ``rows`` (needs_descriptions) are the rows that read descriptions; those
+    that cannot run are listed, and with settings.skip_unavailable recorded in settings.unavailable instead."""
     from datasets.catalog import get_entry
+    from datasets.check import descriptions_problem, how_to_get_descriptions, listed_image_paths, undecodable_images
     from datasets.split_files import image_folder, image_presence, load_split_file, locate_split, outside_message
     from clipkit.backbones import check_backbone
-    from clipkit.descriptions import descriptions_path
 
     problems = []
     for name in names:
@@ -93,19 +117,40 @@ def preflight(settings, names):
                 f"python -m datasets.make_split --root {settings.data} {option}"
             )
             continue
-        found, listed, first_missing, outside = image_presence(settings.data, entry, load_split_file(split_path)[0])
+        split = load_split_file(split_path)[0]
+        found, listed, first_missing, outside = image_presence(settings.data, entry, split)
         if outside:
             problems.append(outside_message(entry, split_path, images, outside))
-        elif found < listed:
+            continue
+        if found < listed:
             problems.append(
                 f"dataset {name}: {found}/{listed} images of the {'shipped' if kind == 'shipped' else 'dataset'} split "
                 f"found under {images} (first missing: {first_missing})"
             )
-        if entry.declared_in and "MedPromptCLIP" in settings.methods and not os.path.isfile(descriptions_path(name)):
-            problems.append(
-                f"dataset {name}: no descriptions file {descriptions_path(name)} for MedPromptCLIP; name one in "
-                f"{entry.declared_in} or generate it: python scripts/generate_descriptions.py {name} --root {settings.data}"
-            )
+            continue
+        for path, error in undecodable_images(settings.data, listed_image_paths(settings.data, entry, split)):
+            problems.append(f"dataset {name}: {path} cannot be decoded ({error}); replace it with a readable copy, "
+                            f"or remove it and rerun python -m datasets.make_split")
+    unavailable = {}
+    for dataset, row, sources in rows:
+        for source, classnames in sources:
+            path, problem = descriptions_problem(source, classnames)
+            if problem == "missing":
+                unavailable[(dataset, row)] = (f"{row} on {dataset}: no descriptions file {path}; generate it: "
+                                               f"{how_to_get_descriptions(source, settings.data)}")
+                break
+            if problem:
+                problems.append(f"{row} on {dataset}: {problem}")
+                break
+    if unavailable and settings.skip_unavailable:
+        settings.unavailable = set(unavailable)
+        print(f"skipped {len(unavailable)} row(s) that cannot run (--skip-unavailable):")
+        for line in unavailable.values():
+            print(f"  - {line}")
+    elif unavailable:
+        problems += list(unavailable.values())
+        problems.append("to run the other rows without these, rerun with --skip-unavailable (SKIP_UNAVAILABLE=1 "
+                        "for the .sh scripts)")
     opts = dict(zip(settings.opts[::2], settings.opts[1::2]))
     try:
         check_backbone(settings.backbone, opts.get("MODEL.BACKBONE.PRETRAINED", ""), opts.get("MODEL.BACKBONE.CACHE_DIR", ""))
@@ -158,6 +203,8 @@ class Plan:
 
     def __init__(self, protocol, settings, root):
         self.protocol, self.settings, self.root = protocol, settings, root
+        # Summaries, plots and sweep.json of this target: another target's never overwrite them.
+        self.summary_dir = os.path.join(root, settings.target)
         self.groups = []
         self.tag = opts_tag(settings.opts)
 
@@ -198,9 +245,10 @@ class Plan:
         """What the aggregator checks: every run asked for, with its identity hash."""
         from train import identity_hash
 
-        return {"protocol": self.protocol, "backbone": self.settings.backbone, "seeds": self.settings.seeds,
-                "opts": self.settings.opts,
-                "runs": [{"path": os.path.relpath(r.out, self.root), "identity": identity_hash(r.identity)}
+        return {"protocol": self.protocol, "target": self.settings.target, "backbone": self.settings.backbone,
+                "seeds": self.settings.seeds, "opts": self.settings.opts,
+                "skipped": sorted(f"{row} on {dataset}" for dataset, row in self.settings.unavailable),
+                "runs": [{"path": os.path.relpath(r.out, self.summary_dir), "identity": identity_hash(r.identity)}
                          for r in self.runs]}
 
 
@@ -214,10 +262,16 @@ def base2new(settings):
             print(f"skipped {n}: {get_entry(n).num_classes} classes, base-to-new needs at least {MIN_CLASSES_BASE2NEW}")
     if not kept:
         raise UserError(f"no dataset in {settings.target} has {MIN_CLASSES_BASE2NEW} or more classes")
-    preflight(settings, kept)
+    from core.data import subsample_classnames
+
+    # MedPromptCLIP trains on the base classes' descriptions (evaluating on new classes reads none).
+    preflight(settings, kept, [needs_descriptions(d, "MedPromptCLIP", subsample_classnames(get_entry(d).classnames, "base"))
+                               for d in kept if "MedPromptCLIP" in settings.methods])
     plan = Plan("base2new", settings, os.path.join(settings.output, "base2new", settings.backbone.replace("/", "-")))
     for dataset in kept:
         for method in settings.methods:
+            if (dataset, method) in settings.unavailable:
+                continue
             kind = kind_of(method)
             recipe = "base2new"
             shots = settings.base2new_shots if kind == "image-trained" else 0
@@ -251,8 +305,11 @@ def stacking_overrides(settings, dataset):
 
 
 def fewshot(settings):
+    from datasets.catalog import get_entry
+
     names = datasets_of(settings.target)
-    preflight(settings, names)
+    preflight(settings, names, [needs_descriptions(d, row, get_entry(d).classnames)
+                                for d in names for row in ("MedPromptCLIP", f"{STACKED}+MedPromptCLIP")])
     plan = Plan("fewshot", settings, os.path.join(settings.output, "fewshot", settings.backbone.replace("/", "-")))
     methods = ["CoOp", "MaPLe"]
     for dataset in names:
@@ -260,12 +317,15 @@ def fewshot(settings):
         zs_seed = settings.seeds[0]  # zero-shot evaluation has no randomness: one seed
         plan.group([plan.run(f"ZeroShotCLIP {dataset}", plan.folder(dataset, "ZeroShotCLIP", "fewshot", zs_seed),
                              [*common(settings, dataset, "ZeroShotCLIP", "fewshot", zs_seed), "--eval-only"])])
+        # Without descriptions (--skip-unavailable) the MedPromptCLIP line and the rows started from it are left out.
+        text_rows = (dataset, "MedPromptCLIP") not in settings.unavailable
         for seed in settings.seeds:
-            # MedPromptCLIP on all classes: the 0-shot line, and the prompts stacking starts from when they fit.
-            source = plan.folder(dataset, "MedPromptCLIP", "fewshot", seed)
-            source_group = plan.group([plan.run(f"MedPromptCLIP {dataset} seed {seed}", source,
-                                                common(settings, dataset, "MedPromptCLIP", "fewshot", seed))])
-            if reshape:
+            if text_rows:
+                # MedPromptCLIP on all classes: the 0-shot line, and the prompts stacking starts from when they fit.
+                source = plan.folder(dataset, "MedPromptCLIP", "fewshot", seed)
+                source_group = plan.group([plan.run(f"MedPromptCLIP {dataset} seed {seed}", source,
+                                                    common(settings, dataset, "MedPromptCLIP", "fewshot", seed))])
+            if text_rows and reshape:
                 # The 0-shot run's prompts do not fit the stacked recipe: the stacked rows start from a MedPromptCLIP
                 # run of the same recipe with the stacked recipe's text context (not evaluated, not a row).
                 source = plan.folder(dataset, "MedPromptCLIP", "fewshot", seed, label="MedPromptCLIP-source")
@@ -277,7 +337,7 @@ def fewshot(settings):
                     args = [*common(settings, dataset, method, "fewshot", seed, shots), "DATASET.NUM_SHOTS", str(shots)]
                     plan.group([plan.run(f"{method} {dataset} {shots}-shot seed {seed}",
                                          plan.folder(dataset, method, "fewshot", seed, shots), args)])
-            for shots in settings.shots:
+            for shots in settings.shots if text_rows else ():
                 stacked = [*common(settings, dataset, STACKED, "stacked", seed), "--init-from", source,
                            "DATASET.NUM_SHOTS", str(shots)]
                 plan.group([plan.run(f"{STACKED}+MedPromptCLIP {dataset} {shots}-shot seed {seed}",
@@ -288,17 +348,23 @@ def fewshot(settings):
 
 
 def crossmodal(settings, pool):
+    from datasets.catalog import get_entry
+
     names = datasets_of(settings.target)
-    datasets_of(pool)  # an unknown pool is an error before anything runs
-    preflight(settings, names)
+    pool_sources = [(n, get_entry(n).classnames) for n in datasets_of(pool)]  # an unknown pool stops here
+    preflight(settings, names, [needs_descriptions(d, "ZeroShotCLIP (descriptions)", get_entry(d).classnames)
+                                for d in names]
+              + [needs_descriptions(d, "MedPromptCLIP", (), pool_sources) for d in names])
     root = os.path.join(settings.output, "crossmodal", settings.backbone.replace("/", "-"), f"pool-{pool}")
     plan = Plan("crossmodal", settings, root)
     zs_seed = settings.seeds[0]  # zero-shot evaluation has no randomness: one seed
     for dataset in names:
         plan.group([plan.run(f"ZeroShotCLIP {mode} {dataset}", plan.folder(dataset, "ZeroShotCLIP", mode, zs_seed),
                              [*common(settings, dataset, "ZeroShotCLIP", mode, zs_seed), "--eval-only"])
-                    for mode in ("template", "descriptions")])
-    for seed in settings.seeds:
+                    for mode in ("template", "descriptions")
+                    if (dataset, f"ZeroShotCLIP ({mode})") not in settings.unavailable])
+    # The pool's descriptions are the same for every dataset: without them no MedPromptCLIP row runs.
+    for seed in settings.seeds if (names[0], "MedPromptCLIP") not in settings.unavailable else ():
         # Training reads no image: the first target dataset only gives the run a dataset to name.
         source = plan.folder("train", "MedPromptCLIP", "multi_modal", seed)
         train_group = plan.group([plan.run(
@@ -315,12 +381,17 @@ def crossmodal(settings, pool):
 
 
 def zeroshot(settings):
+    from datasets.catalog import get_entry
+
     names = datasets_of(settings.target)
-    preflight(settings, names)
+    preflight(settings, names, [needs_descriptions(d, "ZeroShotCLIP (descriptions)", get_entry(d).classnames)
+                                for d in names])
     plan = Plan("zeroshot", settings, os.path.join(settings.output, "zeroshot", settings.backbone.replace("/", "-")))
     seed = settings.seeds[0]  # zero-shot evaluation has no randomness: one run per prompt mode
     for dataset in names:
         for mode in ("template", "ensemble", "descriptions"):
+            if (dataset, f"ZeroShotCLIP ({mode})") in settings.unavailable:
+                continue
             plan.group([plan.run(f"ZeroShotCLIP {mode} {dataset}", plan.folder(dataset, "ZeroShotCLIP", mode, seed),
                                  [*common(settings, dataset, "ZeroShotCLIP", mode, seed), "--eval-only"])])
     return plan
@@ -368,7 +439,7 @@ def execute(plan, launcher):
     """Run (or reuse) every run of the plan with the launcher; True if all succeeded."""
     from core.utils import write_json_atomic
 
-    write_json_atomic(os.path.join(plan.root, MANIFEST), plan.manifest())
+    write_json_atomic(os.path.join(plan.summary_dir, MANIFEST), plan.manifest())
     kind, workers = launcher
     progress = Progress(len(plan.runs))
     try:
@@ -432,6 +503,9 @@ def main(argv=None):
         show_status = "--status" in argv
         if show_status:
             argv.remove("--status")
+        skip_unavailable = "--skip-unavailable" in argv
+        if skip_unavailable:
+            argv.remove("--skip-unavailable")
         if not argv or argv[0] not in PROTOCOLS or len(argv) < 2:
             print(__doc__, file=sys.stderr)
             return 2
@@ -443,15 +517,21 @@ def main(argv=None):
         from core.engine import TRAINER_REGISTRY
 
         settings = Settings(target)
+        settings.skip_unavailable = settings.skip_unavailable or skip_unavailable
         lookup(target, settings.data)  # a dataset declared in DATA/<target>/ becomes known by name
         launcher = parse_launcher(settings.launcher)
         unknown = [m for m in settings.methods if m not in TRAINER_REGISTRY]
         if unknown:
             raise UserError(f"unknown method(s) in METHODS: {', '.join(unknown)}")
         if protocol == "crossmodal":
+            datasets_of(target, settings.data)
             plan = crossmodal(settings, argv[2] if len(argv) > 2 else target)
         else:
+            datasets_of(target, settings.data)  # an unknown target names DATA
             plan = PROTOCOLS[protocol](settings)
+        if not plan.runs:
+            raise UserError(f"no row of {protocol} {target} can run (see the rows skipped above); generate the "
+                            f"descriptions they need or choose other METHODS")
         from core.digests import STORE_VARIABLE, save_store, use_store
 
         os.environ[STORE_VARIABLE] = os.path.join(settings.output, DIGESTS)  # read by the runs' processes too
@@ -465,7 +545,7 @@ def main(argv=None):
         import aggregate
 
         try:
-            data = aggregate.report(protocol, plan.root, manifest=plan.manifest())
+            data = aggregate.report(protocol, plan.summary_dir, manifest=plan.manifest())
         except UserError as e:
             if ok:
                 raise

@@ -21,6 +21,9 @@ import trainers  # noqa: E402
 trainers.register_all()  # registers every trainer and, through them, every catalog dataset
 
 TINY_BACKBONES = ("tiny-clip", "tiny-bert-clip")
+# The environment of subprocess sweeps and commands in tests: offline, and on the CPU (no GPU visible),
+# so the suite behaves the same on a CUDA machine.
+SUBPROCESS_ENV = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +64,19 @@ def run_train(*args, capsys=None):
     code = train.main(args)
     err = capsys.readouterr().err if capsys is not None else ""
     return code, err
+
+
+def float_tolerance(reference, ulps=64):
+    """An absolute tolerance for comparing float tensors computed in different orders: ``ulps`` units of
+    the reference's dtype at the largest magnitude it holds. Summation order differs between CPUs (AVX2,
+    AVX-512) and between CPU and GPU kernels; the error scales with the dtype's eps and the values' size."""
+    scale = float(reference.detach().abs().max()) if reference.numel() else 0.0
+    return ulps * torch.finfo(reference.dtype).eps * max(scale, 1.0)
+
+
+def assert_close(actual, reference, ulps=64):
+    """``actual`` equals ``reference`` up to float rounding (see float_tolerance)."""
+    torch.testing.assert_close(actual, reference, atol=float_tolerance(reference, ulps), rtol=0)
 
 
 def read_results(output_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEMO_CFG, TINY_BACKBONES, read_results, recipe, run_train
+from conftest import DEMO_CFG, TINY_BACKBONES, assert_close, read_results, recipe, run_train
 from datasets.catalog import DEMO
 from datasets.demo import SPLIT_SIZES
 
@@ -104,7 +104,7 @@ def test_batched_step_equals_per_pair_computation(tmp_path, demo_root, backbone,
     reference = trainer.compute_loss(torch.cat(per_pair), trainer.description_features[descs])
     reference.backward()
     # Equal up to float32 summation order.
-    assert torch.allclose(batched, reference, rtol=1e-5, atol=1e-7)
+    assert_close(batched, reference)
     for a, b in zip(grads_batched, (p.grad for p in learner.parameters())):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * float(a.abs().max()))
 
@@ -161,7 +161,7 @@ def test_interrupted_run_resumes_to_the_same_prompts(tmp_path, demo_root, capsys
     a = torch.load(os.path.join(straight, "prompt_learner", "model.pth.tar-6"), weights_only=False)["state_dict"]
     b = torch.load(os.path.join(resumed, "prompt_learner", "model.pth.tar-6"), weights_only=False)["state_dict"]
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+        assert_close(a[k], b[k])
 
     code, err = run_train(*train_args(demo_root, resumed, "tiny-clip", *opts[:2], "OPTIM.MAX_EPOCH", "9"), capsys=capsys)
     assert code == 2 and "OPTIM.MAX_EPOCH 6 -> 9" in err

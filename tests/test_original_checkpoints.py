@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEMO_CFG, read_results, recipe, run_train
+from conftest import DEMO_CFG, assert_close, read_results, recipe, run_train
 from core.engine import TRAINER_REGISTRY
 
 BACKBONE = "tiny-clip"
@@ -138,7 +138,7 @@ def test_original_medpromptclip_prompts_evaluate_as_the_original_computes_them(b
     prompts = {i: state[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] for i in range(1, 9)}
     with torch.no_grad():
         expected = original_text_features(trainer.backbone.model, tokens.ids, state["prompt_learner.ctx"], prompts)
-    assert torch.allclose(trainer.class_text_features(), expected, atol=1e-5)
+    assert_close(trainer.class_text_features(), expected)
     info = trainer.run_info["original_checkpoint"]
     assert info["method"] == "MedPromptCLIP" and info["checkpoint"] == path
     assert info["loaded"]["deep_ctx.0"] == "text_encoder.transformer.resblocks.1.VPT_shallow"

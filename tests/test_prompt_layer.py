@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TINY_BACKBONES
+from conftest import TINY_BACKBONES, assert_close, float_tolerance
 from clipkit.prompt_layer import ImageEncoder, PromptLearner, PromptTokenizer, TextEncoder, place
 
 TEXTS = ["a fundus image of glaucoma.", "a pathology image of adipose tissue.", "x", "an oct retinal image of drusen with many words"]
@@ -15,7 +15,7 @@ def test_text_encoder_reproduces_encode_text(backbones, name):
     ids = PromptTokenizer(bb.tokenizer, bb.context_length)(TEXTS)
     with torch.no_grad():
         assert torch.equal(te(te.embed(ids), ids, truncate=False), bb.model.encode_text(ids))
-        assert torch.allclose(te(te.embed(ids), ids), bb.model.encode_text(ids), atol=1e-5, rtol=1e-5)
+        assert_close(te(te.embed(ids), ids), bb.model.encode_text(ids))
 
 
 @pytest.mark.parametrize("name", TINY_BACKBONES + ("tiny-timm-clip",))
@@ -48,7 +48,7 @@ def test_template_initialized_context_adds_nothing(backbones, name, n_ctx, keep)
     with torch.no_grad():
         prompted = learner(te, tokens)
         plain = bb.model.encode_text(tok(tokens.texts))
-    assert torch.allclose(prompted, plain, atol=1e-6)
+    assert_close(prompted, plain)
 
 
 @pytest.mark.parametrize("name", TINY_BACKBONES)
@@ -60,7 +60,7 @@ def test_deep_prompts_change_features_and_get_gradients(backbones, name):
     tokens = learner.tokens_for(["glaucoma", "cataract"], "a fundus image of {}.")
     out = learner(te, tokens)
     plain = bb.model.encode_text(tok(tokens.texts))
-    assert not torch.allclose(out, plain, atol=1e-4)
+    assert float((out - plain).abs().max()) > 100 * float_tolerance(plain)
     out.pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
     assert all(p.grad is None for p in bb.model.parameters())
@@ -136,10 +136,10 @@ def test_truncated_encoding_equals_full_context(backbones, name):
         with torch.no_grad():
             cut = te(emb, part.ids, part.ctx_mask, list(learner.deep_ctx))
             full = te(emb, part.ids, part.ctx_mask, list(learner.deep_ctx), truncate=False)
-        assert torch.allclose(cut, full, atol=1e-5, rtol=1e-5)
+        assert_close(cut, full)
     with torch.no_grad():
         ids = tok(TEXTS)
-        assert torch.allclose(te(te.embed(ids), ids), te(te.embed(ids), ids, truncate=False), atol=1e-5, rtol=1e-5)
+        assert_close(te(te.embed(ids), ids), te(te.embed(ids), ids, truncate=False))
 
 
 @pytest.mark.parametrize("name", TINY_BACKBONES)

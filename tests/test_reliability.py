@@ -337,3 +337,22 @@ def test_test_helpers_pin_the_cpu_where_cuda_is_available(tmp_path, demo_root, m
     monkeypatch.setattr(train, "main", lambda argv: seen.append(argv) or 0)
     run_train("--eval-only", "OPTIM.MAX_EPOCH", "1")
     assert seen[0][-2:] == ["DEVICE", "cpu"]
+
+
+def test_float_tolerance_scales_with_dtype_and_magnitude():
+    """A rounding difference of a few ulps passes at any magnitude; a real difference does not."""
+    from conftest import assert_close, float_tolerance
+
+    for scale in (1e-3, 2.0, 300.0):
+        reference = torch.linspace(-scale, scale, 17)
+        nudged = reference + 6 * torch.finfo(torch.float32).eps * scale  # what another CPU's summation order gives
+        assert_close(nudged, reference)
+        with pytest.raises(AssertionError):
+            assert_close(reference + 1e-3 * scale, reference)
+    assert float_tolerance(torch.ones(3, dtype=torch.float16)) > 1000 * float_tolerance(torch.ones(3))
+
+
+def test_subprocess_commands_in_tests_see_no_gpu():
+    from conftest import SUBPROCESS_ENV
+
+    assert SUBPROCESS_ENV["CUDA_VISIBLE_DEVICES"] == "" and SUBPROCESS_ENV["HF_HUB_OFFLINE"] == "1"

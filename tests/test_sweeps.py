@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, SUBPROCESS_ENV
 
 sys.path.insert(0, os.path.join(PROJECT_DIR, "scripts"))
 import aggregate  # noqa: E402
@@ -164,7 +164,7 @@ def test_run_lock_waits_for_a_live_owner_and_takes_a_stale_one(tmp_path):
 def run_sweep(protocol, target, env, *extra):
     return subprocess.run(["bash", os.path.join(PROJECT_DIR, "scripts", f"{protocol}.sh"), target, *extra],
                           cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, **env))
+                          env=dict(SUBPROCESS_ENV, PYTHON=sys.executable, **env))
 
 
 def test_missing_data_stops_before_training(tmp_path):
@@ -226,7 +226,7 @@ def test_base2new_sweep_reuses_only_matching_complete_runs(tmp_path, demo_root):
 
 
 def test_two_sweeps_at_once_run_each_run_once(tmp_path, demo_root):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DATA=demo_root, OUTPUT=str(tmp_path), BACKBONE="tiny-clip",
+    env = dict(SUBPROCESS_ENV, DATA=demo_root, OUTPUT=str(tmp_path), BACKBONE="tiny-clip",
                SEEDS="1", METHODS="MedPromptCLIP", OPTS="OPTIM.MAX_EPOCH 2")
     command = ["bash", os.path.join(PROJECT_DIR, "scripts", "base2new.sh"), "demo"]
     procs = [subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -261,7 +261,7 @@ def test_parallel_and_submitit_launchers_give_the_same_table(tmp_path, demo_root
 
 
 def test_ctrl_c_stops_a_sweep_with_one_line(tmp_path, demo_root):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DATA=demo_root, OUTPUT=str(tmp_path), BACKBONE="tiny-clip",
+    env = dict(SUBPROCESS_ENV, DATA=demo_root, OUTPUT=str(tmp_path), BACKBONE="tiny-clip",
                SEEDS="1", METHODS="CoOp", OPTS="OPTIM.MAX_EPOCH 200")
     proc = subprocess.Popen(["bash", os.path.join(PROJECT_DIR, "scripts", "base2new.sh"), "demo"], cwd=PROJECT_DIR,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -298,8 +298,12 @@ def test_scripts_run_where_only_python3_exists(tmp_path):
     """Without $PYTHON the scripts find python3 (many systems have no 'python' command)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(sys.executable)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    # A wrapper, not a symlink: a virtual environment's interpreter finds its packages only when started
+    # from its own folder.
+    wrapper = bin_dir / "python3"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "PYTHON"}
     env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HF_HUB_OFFLINE="1", OUTPUT=str(tmp_path / "out"))
     for protocol in ("base2new", "fewshot", "crossmodal", "zeroshot"):
         proc = subprocess.run(["bash", os.path.join(PROJECT_DIR, "scripts", f"{protocol}.sh"), "nosuchdataset"],
@@ -320,3 +324,24 @@ def test_fewshot_sweep_stacks_the_papers_ivlp_setting_on_a_reshaped_source(tmp_p
     assert stacked["config"]["TRAINER"]["IVLP"]["N_CTX_TEXT"] == 4
     assert json.loads((source / "results.json").read_text())["config"]["TRAINER"]["MEDPROMPTCLIP"]["N_CTX"] == 4
     assert "IVLP+MedPromptCLIP" in proc.stdout and "MedPromptCLIP-source" not in proc.stdout.split("accuracy %", 1)[1]
+
+
+def test_aggregate_options_and_any_metric_of_results_json(tmp_path):
+    helped = subprocess.run([sys.executable, os.path.join(PROJECT_DIR, "scripts", "aggregate.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0
+    for option in ("--target", "--dataset", "--metric", *aggregate.METRICS):
+        assert option in helped.stdout
+    root = str(tmp_path / "A-sweep")
+    for subsample, acc in (("base", 80), ("new", 40)):
+        write_result(root, "A", "CoOp", 1, subsample, acc)  # macro_f1 is half the accuracy
+    data = aggregate.report("base2new", root, quiet=True, metric="macro_f1")
+    row = data["per_dataset"][0]
+    assert (row["base"], row["new"]) == (40, 20) and row["hm"] == pytest.approx(2 * 40 * 20 / 60)
+    assert "macro F1 %" in (tmp_path / "A-sweep" / "summary.md").read_text()
+    proc = subprocess.run([sys.executable, os.path.join(PROJECT_DIR, "scripts", "aggregate.py"), "base2new", root,
+                           "--metric", "macro_f1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "26.7" in proc.stdout  # HM of 40 and 20
+    bad = subprocess.run([sys.executable, os.path.join(PROJECT_DIR, "scripts", "aggregate.py"), "base2new", root,
+                          "--target", "B"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "no target 'B'" in bad.stderr

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import DEMO_CFG, PROJECT_DIR, TINY_BACKBONES, read_results, recipe, run_train
+from conftest import DEMO_CFG, PROJECT_DIR, TINY_BACKBONES, assert_close, read_results, recipe, run_train
 from core.engine import TRAINER_REGISTRY, trainable_state_dict
 
 RECIPES = {"ZeroShotCLIP": "template", "MedPromptCLIP": "base2new"}
@@ -77,7 +77,7 @@ def test_trainer_step_changes_only_its_prompts(name, backbone, demo_root, tmp_pa
     torch.manual_seed(1)
     images = torch.randn(2, 3, *trainer.backbone.image_size)
     trainer.set_model_mode("eval")
-    assert torch.allclose(fresh.model_inference(images), trainer.model_inference(images), atol=1e-5)
+    assert_close(fresh.model_inference(images), trainer.model_inference(images))
 
 
 @pytest.mark.parametrize("name", ["CoOp", "IVLP", "MaPLe"])

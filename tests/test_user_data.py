@@ -8,7 +8,7 @@ import warnings
 import pytest
 from PIL import Image
 
-from conftest import DEMO_CFG, PROJECT_DIR, read_results, recipe, run_train
+from conftest import DEMO_CFG, PROJECT_DIR, SUBPROCESS_ENV, read_results, recipe, run_train
 from core.config import get_cfg_default
 from core.data import DATASET_REGISTRY
 from datasets.catalog import BENCHMARKS, CATALOG
@@ -16,7 +16,7 @@ from datasets.make_split import make_split
 from datasets.split_dataset import read_split_rows
 from datasets.split_files import SHIPPED_DIR, image_folder, load_split_file, shipped_split
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+ENV = dict(SUBPROCESS_ENV, OMP_NUM_THREADS="1")
 
 
 def cli(*args, **kwargs):
@@ -127,6 +127,9 @@ def test_folder_dataset_from_tree_to_base2new_table(tmp_path):
     table = sweep.stdout.split("MyScans: base-to-new", 1)[1]
     for method in ("MedPromptCLIP", "CoOp", "ZeroShotCLIP"):
         assert method in table
+    # 16 shots asked, 4 training images per class: the CoOp row is marked and explained under the table.
+    assert "\nCoOp* " in table and "* CoOp on MyScans: 2 class(es) had fewer than 16 training images (down to 4" in table
+    assert "\nMedPromptCLIP " in table  # text-only: no shots to fall short of
     runs = tmp_path / "out" / "base2new" / "tiny-clip" / "MyScans"
     (coop_dir,) = runs.glob("shots_*/CoOp/*/seed1/base")
     coop = read_results(coop_dir)

@@ -76,7 +76,7 @@ class CLIPTrainer(TrainerX):
         self.fill_input_cfg()
         super().build_data_loader()
         self.classnames = list(self.dm.dataset.classnames)
-        for key in ("split_source", "split_file", "split_sha256"):
+        for key in ("split_source", "split_file", "split_sha256", "shots_used"):
             if hasattr(self.dm.dataset, key):
                 self.run_info[key] = getattr(self.dm.dataset, key)
         if self.dataset_entry.declared_in:

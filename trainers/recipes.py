@@ -49,10 +49,11 @@ def resolve(trainer, config_file, dataset_config_file, opts=()):
     """The config a run with these files and overrides would use (frozen), without building anything."""
     import trainers
     from core.config import get_cfg_default, merge_from_file, merge_from_list
+    from datasets.declared import merge_dataset_file
 
     cfg = get_cfg_default()
     trainers.extend_cfg(cfg)
-    merge_from_file(cfg, dataset_config_file)
+    merge_dataset_file(cfg, dataset_config_file)
     merge_from_file(cfg, config_file)
     merge_from_list(cfg, list(opts))
     cfg.TRAINER.NAME = trainer
