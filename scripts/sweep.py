@@ -34,8 +34,8 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, PROJECT_DIR)
 sys.path.insert(0, os.path.join(PROJECT_DIR, "scripts"))
 
-from _launch import (FAILED_FILE, Group, Run, execute_group, launch_local, launch_pool, launch_slurm,  # noqa: E402
-                     lock_state, parse_launcher, run_state)
+from _launch import (FAILED_FILE, Group, Run, check_launcher, execute_group, launch_local, launch_pool,  # noqa: E402
+                     launch_slurm, lock_state, parse_launcher, run_state)
 from core.errors import UserError  # noqa: E402
 
 # The list of runs a sweep asked for, written into its output root for the aggregator.
@@ -348,6 +348,8 @@ class Progress:
             line = f"rerun  {run.label}: {extra['reason']}; the old files are in {extra['moved']}"
         elif kind == "submitted":
             line = f"queued {run.label} as job {extra['job']}  (log: {log})"
+        elif kind == "info":
+            line = extra["message"]
         else:
             line = f"error: a worker stopped: {extra.get('message')}"
         tqdm.write(line, file=sys.stdout)
@@ -440,6 +442,8 @@ def main(argv=None):
         settings = Settings(target)
         lookup(target, settings.data)  # a dataset declared in DATA/<target>/ becomes known by name
         launcher = parse_launcher(settings.launcher)
+        if not show_status:
+            check_launcher(launcher)
         unknown = [m for m in settings.methods if m not in TRAINER_REGISTRY]
         if unknown:
             raise UserError(f"unknown method(s) in METHODS: {', '.join(unknown)}")
