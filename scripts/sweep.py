@@ -18,8 +18,9 @@ Settings come from environment variables (defaults in brackets):
   OPTS      extra KEY VALUE overrides for every run           []
   LAUNCHER  local (in this process), local:N (N worker processes, one GPU each when
             CUDA_VISIBLE_DEVICES lists several) or slurm (jobs through submitit)   [local]
-  SLURM_PARTITION, SLURM_TIME (minutes), SLURM_GPUS (per job), SLURM_CPUS (per job),
-  SLURM_ARRAY_PARALLELISM (jobs at once)                      [-, 240, 1, 8, 32]
+  SWEEP_SLURM_PARTITION, SWEEP_SLURM_TIME (minutes or [D-]HH:MM:SS), SWEEP_SLURM_GPUS (per job),
+  SWEEP_SLURM_CPUS (per job), SWEEP_SLURM_ARRAY_PARALLELISM (jobs at once)  [-, 240, 1, 8, 32]
+  (the older SLURM_PARTITION, ... names are read too)
 A run is reused only if its results.json is complete and holds the run asked for (the same resolved
 config); otherwise it runs again. A per-run lock keeps two sweeps from running the same run.
 """
