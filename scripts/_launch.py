@@ -652,7 +652,10 @@ def sbatch_refusal(error, cfg):
         keys = ("CPUS", "GPUS", "PARTITION")
     else:
         keys = tuple(SLURM_DEFAULTS)
-    return f"sbatch refused the sweep's jobs: {message} ({cfg.show(*keys)}); nothing of this submission was queued"
+    # sbatch also takes options from SBATCH_* variables: name those set, they may be the cause.
+    own = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("SBATCH_")]
+    settings = cfg.show(*keys) + (f"; also set: {', '.join(own)}" if own else "")
+    return f"sbatch refused the sweep's jobs: {message} ({settings}); nothing of this submission was queued"
 
 
 def queue_states(job_ids):

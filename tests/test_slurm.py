@@ -175,6 +175,19 @@ def test_unsatisfiable_cpus_are_one_line_before_anything_is_submitted(tmp_path, 
     assert not (tmp_path / "out").exists() and not active_jobs()
 
 
+def test_what_sbatch_refuses_is_one_line_and_leaves_no_files(tmp_path, demo_root, cluster):
+    # sbatch reads SBATCH_* variables as its own options; a feature no node has makes it refuse the jobs.
+    code, out, err = run_sweep(dict(JOB_SETTINGS, SBATCH_CONSTRAINT="nosuchfeature", DATA=demo_root,
+                                    OUTPUT=str(tmp_path), BACKBONE="tiny-clip", SEEDS="1", METHODS="ZeroShotCLIP"))
+    assert code == 2 and "queued" not in out and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "error: sbatch refused the sweep's jobs: Batch job submission failed: Invalid feature specification "
+        "(SWEEP_SLURM_PARTITION=(default), SWEEP_SLURM_TIME=20 min, SWEEP_SLURM_GPUS=0, SWEEP_SLURM_CPUS=1, "
+        "SWEEP_SLURM_ARRAY_PARALLELISM=32; also set: SBATCH_CONSTRAINT=nosuchfeature); nothing of this submission "
+        "was queued")
+    assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob(".submitit")) and not active_jobs()
+
+
 def test_settings_the_cluster_cannot_satisfy_are_named(monkeypatch, cluster):
     for name in SETTINGS:
         monkeypatch.delenv(name, raising=False)
