@@ -552,8 +552,9 @@ def check_slurm_cluster(cfg):
 
     missing = [c for c in ("sbatch", "squeue", "sinfo", "scancel") if shutil.which(c) is None]
     if missing:
-        raise UserError(f"LAUNCHER=slurm needs SLURM's commands, and {', '.join(missing)} is not on PATH here; "
-                        f"run the sweep on a login node of the cluster, or use LAUNCHER=local")
+        verb = "is" if len(missing) == 1 else "are"
+        raise UserError(f"LAUNCHER=slurm needs SLURM's commands, and {', '.join(missing)} {verb} not on PATH "
+                        f"here; run the sweep on a login node of the cluster, or use LAUNCHER=local")
     code, out, err = slurm_command(["sinfo", "-h", "-N", "-o", "%P|%a|%c|%G|%l"])
     if code != 0:
         raise UserError(f"LAUNCHER=slurm: sinfo cannot reach the SLURM controller ({err}); start slurmctld or ask "
@@ -830,7 +831,8 @@ def launch_slurm(groups, emit, root):
                             emit("info", None, message=f"SLURM job {slurm_job.job_id} is pending: {reason}")
                             slurm_job.noted = reason
                         continue
-                    state = state or accounting.state(slurm_job.job_id) or "left the queue; no accounting to tell its state"
+                    state = (state or accounting.state(slurm_job.job_id)
+                             or "it left the queue; no accounting to tell its state")
                 else:
                     if not slurm_job.job.done():
                         continue

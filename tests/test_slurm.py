@@ -234,7 +234,7 @@ def test_time_formats_and_missing_slurm_need_no_cluster(monkeypatch, tmp_path):
     monkeypatch.setenv("SWEEP_SLURM_CPUS", "1")
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing of SLURM on it
     with pytest.raises(UserError, match=r"^LAUNCHER=slurm needs SLURM's commands, and sbatch, squeue, sinfo, "
-                                        r"scancel is not on PATH here"):
+                                        r"scancel are not on PATH here"):
         _launch.check_launcher(("slurm", None))
 
 
