@@ -477,66 +477,434 @@ def launch_pool(groups, emit, workers):
     return not failed
 
 
-def slurm_executor(folder):
-    """A submitit executor from the SLURM_* settings (SUBMITIT_CLUSTER=local runs the jobs as local processes)."""
+# ---------------------------------------------------------------------------- SLURM
+
+# LAUNCHER=slurm settings: SWEEP_SLURM_<NAME>, names that srun and sbatch do not read themselves, or
+# the older SLURM_<NAME> (srun, run inside each job, would also read SLURM_PARTITION and SLURM_GPUS).
+SLURM_DEFAULTS = {"PARTITION": "", "TIME": "240", "GPUS": "1", "CPUS": "8", "ARRAY_PARALLELISM": "32"}
+# Job states after which a job never runs again.
+ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+# Pending reasons that waiting does not resolve: the job asks for what its partition (or QOS) never
+# gives. Each names the settings to change.
+UNSATISFIABLE = {
+    "PartitionConfig": ("CPUS", "GPUS", "PARTITION"),
+    "PartitionNodeLimit": ("CPUS", "GPUS", "PARTITION"),
+    "BadConstraints": ("CPUS", "GPUS", "PARTITION"),
+    "PartitionTimeLimit": ("TIME", "PARTITION"),
+    "QOSMaxWallDurationPerJobLimit": ("TIME",),
+    "QOSMaxCpuPerJobLimit": ("CPUS",),
+    "QOSMaxGRESPerJob": ("GPUS",),
+}
+# Pending reasons of a cluster that is only busy: not worth a line.
+BUSY = {"None", "Priority", "Resources", "JobArrayTaskLimit", "BeginTime", "Dependency", "QOSMaxJobsPerUserLimit",
+        "QOSResourceLimit", "AssocGrpCpuLimit", "AssocGrpGRES", "AssocMaxJobsLimit", "Reservation"}
+# How long a job that left the queue may take to show its runs' results (shared file systems cache).
+RESULT_GRACE_S = 15.0
+
+
+@dataclass
+class SlurmSettings:
+    partition: str  # '' for the cluster's default
+    minutes: int  # time limit per job
+    gpus: int  # per job
+    cpus: int  # per job
+    parallelism: int  # jobs of an array running at once
+    names: dict  # setting -> the variable it was read from (for messages)
+
+    def show(self, *keys):
+        value = {"PARTITION": self.partition or "(default)", "TIME": f"{self.minutes} min", "GPUS": self.gpus,
+                 "CPUS": self.cpus, "ARRAY_PARALLELISM": self.parallelism}
+        return ", ".join(f"{self.names[k]}={value[k]}" for k in keys)
+
+
+def parse_minutes(value):
+    """Minutes (rounded up) from a number of minutes or SLURM's formats MM:SS, HH:MM:SS, D-HH[:MM[:SS]];
+    None for anything else (SLURM's 'infinite' included)."""
+    import re
+
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if not match:
+        return None
+    days, a, b, c = match.groups()
+    if days is not None:
+        hours, minutes, seconds = int(a), int(b or 0), int(c or 0)
+    elif c is not None:
+        hours, minutes, seconds = int(a), int(b), int(c)
+    else:
+        hours, minutes, seconds = 0, int(a), int(b or 0)
+    return int(days or 0) * 1440 + hours * 60 + minutes + -(-seconds // 60)
+
+
+def slurm_settings():
+    """The SLURM settings from the environment; a bad value is a UserError naming its variable."""
+    from core.errors import UserError
+
+    values, names = {}, {}
+    for key, default in SLURM_DEFAULTS.items():
+        values[key], names[key] = default, f"SWEEP_SLURM_{key}"
+        for var in (f"SWEEP_SLURM_{key}", f"SLURM_{key}"):
+            if os.environ.get(var, "").strip():
+                values[key], names[key] = os.environ[var].strip(), var
+                break
+
+    def whole(key, least, what):
+        value = values[key]
+        if not value.isdigit() or int(value) < least:
+            raise UserError(f"{names[key]} must be a whole number of {what} ({least} or more), not '{value}'")
+        return int(value)
+
+    minutes = parse_minutes(values["TIME"])
+    if not minutes:
+        raise UserError(f"{names['TIME']} must be a time limit per job in minutes (240) or as SLURM writes it "
+                        f"([D-]HH:MM:SS, e.g. 4:00:00), not '{values['TIME']}'")
+    return SlurmSettings(values["PARTITION"], minutes, whole("GPUS", 0, "GPUs per job"),
+                         whole("CPUS", 1, "CPU cores per job"), whole("ARRAY_PARALLELISM", 1, "jobs"), names)
+
+
+def slurm_command(args, timeout=120):
+    """(exit code, stdout, last line of stderr) of a SLURM command."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 1, "", f"{args[0]} did not answer within {timeout} s"
+    except OSError as e:
+        return 1, "", str(e)
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    return proc.returncode, proc.stdout, (lines[-1] if lines else f"exit code {proc.returncode}")
+
+
+def gpus_of(gres):
+    """GPUs a node offers, from sinfo's GRES field (e.g. 'gpu:a100:4(S:0-1)', '(null)')."""
+    import re
+
+    return sum(int(n) for n in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def check_slurm_cluster(cfg):
+    """Stop before submitting anything if SLURM is missing or unreachable, or if no node of the partition
+    can ever run a job with these settings (what sinfo can tell)."""
+    import shutil
+
+    from core.errors import UserError
+
+    missing = [c for c in ("sbatch", "squeue", "sinfo", "scancel") if shutil.which(c) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise UserError(f"LAUNCHER=slurm needs SLURM's commands, and {', '.join(missing)} {verb} not on PATH "
+                        f"here; run the sweep on a login node of the cluster, or use LAUNCHER=local")
+    code, out, err = slurm_command(["sinfo", "-h", "-N", "-o", "%P|%a|%c|%G|%l"])
+    if code != 0:
+        raise UserError(f"LAUNCHER=slurm: sinfo cannot reach the SLURM controller ({err}); start slurmctld or ask "
+                        f"the cluster's administrators; nothing was submitted")
+    partitions, default = {}, None
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 5 or not fields[2].rstrip("+").isdigit():
+            continue
+        name = fields[0].rstrip("*")
+        if fields[0].endswith("*"):
+            default = name
+        partitions.setdefault(name, []).append({"up": fields[1] == "up", "cpus": int(fields[2].rstrip("+")),
+                                                "gpus": gpus_of(fields[3]), "limit": parse_minutes(fields[4])})
+    var = cfg.names["PARTITION"]
+    known = ", ".join(sorted(partitions)) or "none"
+    wanted = cfg.partition.split(",") if cfg.partition else [default] if default else []
+    if not wanted:
+        raise UserError(f"the cluster has no default partition: set {var} to one of {known}")
+    for name in wanted:
+        if name not in partitions:
+            raise UserError(f"{var}={cfg.partition}: the cluster has no partition '{name}' (sinfo lists {known})")
+    where = f"partition {','.join(wanted)}"
+    nodes = [n for name in wanted for n in partitions[name] if n["up"]]
+    if not nodes:
+        raise UserError(f"{where} is not up (sinfo); choose another with {var} ({known}) or wait until it is")
+    cpus, gpus = cfg.names["CPUS"], cfg.names["GPUS"]
+    most_cpus = max(n["cpus"] for n in nodes)
+    most_gpus = max(n["gpus"] for n in nodes)
+    if cfg.cpus > most_cpus:
+        raise UserError(f"{cpus}={cfg.cpus}, but the nodes of {where} have at most {most_cpus} CPU cores: "
+                        f"set {cpus} to {most_cpus} or fewer (or choose a partition with {var})")
+    if cfg.gpus > most_gpus:
+        fix = f"set {gpus}=0 to run on CPU cores" if most_gpus == 0 else f"set {gpus} to {most_gpus} or fewer"
+        raise UserError(f"{gpus}={cfg.gpus}, but the nodes of {where} have "
+                        f"{'no GPUs' if most_gpus == 0 else f'at most {most_gpus} GPUs'}: {fix} "
+                        f"(or choose a partition with {var})")
+    if not any(n["cpus"] >= cfg.cpus and n["gpus"] >= cfg.gpus for n in nodes):
+        raise UserError(f"no node of {where} has both {cfg.cpus} CPU cores and {cfg.gpus} GPUs: lower {cpus} or "
+                        f"{gpus} (or choose a partition with {var})")
+    limits = [n["limit"] for n in nodes]
+    if None not in limits and cfg.minutes > max(limits):
+        raise UserError(f"{cfg.names['TIME']}={cfg.minutes} min is above the time limit of {where} "
+                        f"({max(limits)} min): lower it (or choose a partition with {var})")
+
+
+def check_launcher(launcher):
+    """Stop on a launcher setting that cannot work, before anything is written or submitted."""
+    if launcher[0] == "slurm":
+        cfg = slurm_settings()
+        if os.environ.get("SUBMITIT_CLUSTER", "slurm") == "slurm":
+            check_slurm_cluster(cfg)
+
+
+def slurm_executor(folder, cfg):
+    """A submitit executor from the SLURM settings (SUBMITIT_CLUSTER=local runs the jobs as local processes)."""
     import submitit
 
-    env = os.environ
-    cluster = env.get("SUBMITIT_CLUSTER", "slurm")
+    cluster = os.environ.get("SUBMITIT_CLUSTER", "slurm")
     executor = submitit.AutoExecutor(folder=os.path.join(folder, "%j"), cluster=cluster)
-    params = {"timeout_min": int(env.get("SLURM_TIME", "240")), "name": "medpromptclip"}
+    params = {"timeout_min": cfg.minutes, "name": "medpromptclip"}
     if cluster == "slurm":
-        params.update(slurm_gpus_per_node=int(env.get("SLURM_GPUS", "1")),
-                      slurm_cpus_per_task=int(env.get("SLURM_CPUS", "8")),
-                      slurm_array_parallelism=int(env.get("SLURM_ARRAY_PARALLELISM", "32")))
-        if env.get("SLURM_PARTITION"):
-            params["slurm_partition"] = env["SLURM_PARTITION"]
+        params.update(slurm_gpus_per_node=cfg.gpus, slurm_cpus_per_task=cfg.cpus,
+                      slurm_array_parallelism=cfg.parallelism, slurm_stderr_to_stdout=True)
+        if cfg.partition:
+            params["slurm_partition"] = cfg.partition
     executor.update_parameters(**params)
     return executor
 
 
+@contextlib.contextmanager
+def without_srun_variables():
+    """Submit without the older SLURM_<NAME> settings in the environment: jobs inherit it, and srun in
+    them would read SLURM_PARTITION and SLURM_GPUS as its own options."""
+    saved = {f"SLURM_{k}": os.environ.pop(f"SLURM_{k}") for k in SLURM_DEFAULTS if f"SLURM_{k}" in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def sbatch_refusal(error, cfg):
+    """One line from a failed submission: sbatch's own message and the settings it concerns."""
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if "error:" in line]
+    message = lines[-1] if lines else (text.strip().splitlines() or [type(error).__name__])[-1]
+    message = message.split("error:", 1)[-1].strip() if "error:" in message else message
+    lower = message.lower()
+    if "partition" in lower:
+        keys = ("PARTITION",)
+    elif "gres" in lower or "gpu" in lower:
+        keys = ("GPUS", "PARTITION")
+    elif "time limit" in lower:
+        keys = ("TIME", "PARTITION")
+    elif "cpu" in lower or "node configuration" in lower:
+        keys = ("CPUS", "GPUS", "PARTITION")
+    else:
+        keys = tuple(SLURM_DEFAULTS)
+    # sbatch also takes options from SBATCH_* variables: name those set, they may be the cause.
+    own = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("SBATCH_")]
+    settings = cfg.show(*keys) + (f"; also set: {', '.join(own)}" if own else "")
+    return f"sbatch refused the sweep's jobs: {message} ({settings}); nothing of this submission was queued"
+
+
+def queue_states(job_ids):
+    """{job id: (state, reason)} of the jobs squeue lists (ended ones stay listed for a few minutes,
+    SLURM's MinJobAge); None if squeue fails."""
+    ids = sorted({j.split("_")[0] for j in job_ids})
+    code, out, err = slurm_command(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r"])
+    if code != 0:
+        return {} if "Invalid job id" in err else None
+    states = {}
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 3:
+            states[fields[0]] = (fields[1], fields[2])
+    return states
+
+
+class Accounting:
+    """Final job states from sacct, where the cluster keeps accounting; quiet (and not asked again) where not."""
+
+    def __init__(self):
+        self.works = True
+
+    def state(self, job_id):
+        if not self.works:
+            return None
+        code, out, _ = slurm_command(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id.split("_")[0]])
+        if code != 0:
+            self.works = False
+            return None
+        for line in out.splitlines():
+            fields = line.strip().split("|")
+            if len(fields) == 2 and fields[0] == job_id:
+                return fields[1].split()[0]
+        return None
+
+
+@dataclass
+class SlurmJob:
+    group: Group
+    job: object  # submitit's Job
+    log: str  # the job's own log (its stdout and stderr)
+    left_at: float = None  # when it was first seen ended with runs not done
+    noted: str = ""  # the pending reason last reported
+
+    @property
+    def job_id(self):
+        return str(self.job.job_id)
+
+
+def submission_folder(root):
+    """ROOT/.submitit/<time>-<host>-<pid>: this sweep invocation's group files, pickles and job logs."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(root, ".submitit", f"{stamp}-{socket.gethostname()}-{os.getpid()}")
+
+
+def clean_submission_folder(folder, keep):
+    """Remove the folder but for the files in ``keep`` (logs of failed jobs); the empty .submitit too."""
+    import shutil
+
+    keep = {os.path.abspath(k) for k in keep if os.path.exists(k)}
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        for dirpath, _, files in os.walk(folder, topdown=False):
+            for name in files:
+                path = os.path.abspath(os.path.join(dirpath, name))
+                if path not in keep:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(folder))
+
+
+def ended_message(slurm_job, run, state):
+    """Why a run of an ended job has no result."""
+    reason = _read_failed(run)
+    if reason:
+        return reason
+    runs = slurm_job.group.runs
+    for before in runs[:runs.index(run)]:
+        if run_state(before)[0] != "done":
+            return f"not run: {before.label} failed"
+    return (f"SLURM job {slurm_job.job_id} ended ({state}) without writing its results; job log: {slurm_job.log}")
+
+
 def launch_slurm(groups, emit, root):
-    """One job per group (submitted as job arrays), each running ``sweep.py --run-group`` on its group."""
+    """One job per group (submitted as job arrays), each running ``sweep.py --run-group`` on its group.
+
+    Job states come from squeue (and sacct where the cluster keeps accounting): a job that left the
+    queue without its runs' results is a failed run, and a job that can never start (its partition
+    cannot give what it asks for) is cancelled and reported. Group files, submitit's pickles and job
+    logs live in a folder of this invocation, so sweeps sharing an output root never read each
+    other's; it is removed at the end but for the logs of failed jobs, and kept while jobs still run.
+    """
     from submitit.helpers import CommandFunction
 
-    folder = os.path.join(root, ".submitit")
-    spec_dir = os.path.join(folder, "groups")
-    os.makedirs(spec_dir, exist_ok=True)
+    from core.errors import UserError
     from core.utils import write_json_atomic
 
-    executor = slurm_executor(folder)
+    cfg = slurm_settings()
+    real = os.environ.get("SUBMITIT_CLUSTER", "slurm") == "slurm"
+    if real:
+        check_slurm_cluster(cfg)
+    folder = submission_folder(root)
+    spec_dir = os.path.join(folder, "groups")
+    executor = slurm_executor(folder, cfg)
+    accounting = Accounting()
     sweep = os.path.join(PROJECT_DIR, "scripts", "sweep.py")
     finished, failed, started = set(), set(), set()
-    jobs = {}
-    while len(finished) < len(groups):
-        batch = []
-        for group in groups_to_start(groups, finished, started, failed, emit):
-            spec = os.path.join(spec_dir, f"{len(started):05d}.json")
-            write_json_atomic(spec, group.to_dict())
-            batch.append((group, CommandFunction([sys.executable, sweep, "--run-group", spec], verbose=True)))
-        if batch:
-            with executor.batch():
-                submitted = [(group, executor.submit(fn)) for group, fn in batch]
-            for group, job in submitted:
-                jobs[group.name] = (group, job)
-                for run in group.runs:
-                    emit("submitted", run, job=job.job_id)
-        for name, (group, job) in list(jobs.items()):
-            if not job.done():
+    jobs = {}  # group name -> SlurmJob still in the queue
+    failed_logs = []
+    squeue_failing = False
+
+    def finish(slurm_job, state):
+        del jobs[slurm_job.group.name]
+        finished.add(slurm_job.group.name)
+        ok = True
+        for run in slurm_job.group.runs:
+            if run_state(run)[0] == "done":
+                emit("done", run)
+            else:
+                emit("failed", run, message=ended_message(slurm_job, run, state))
+                ok = False
+        if not ok:
+            failed.add(slurm_job.group.name)
+            failed_logs.append(slurm_job.log)
+
+    try:
+        while len(finished) < len(groups):
+            batch = []
+            for group in groups_to_start(groups, finished, started, failed, emit):
+                if all(run_state(run)[0] == "done" for run in group.runs):
+                    for run in group.runs:  # a finished run is never submitted again
+                        emit("reused", run)
+                    finished.add(group.name)
+                    continue
+                spec = os.path.join(spec_dir, f"{group.name}.json")
+                write_json_atomic(spec, group.to_dict())
+                batch.append((group, CommandFunction([sys.executable, sweep, "--run-group", spec], verbose=True)))
+            if batch:
+                try:
+                    with without_srun_variables(), executor.batch():
+                        delayed = [(group, executor.submit(fn)) for group, fn in batch]
+                except Exception as e:  # sbatch refused: its message, not submitit's traceback
+                    raise UserError(sbatch_refusal(e, cfg)) from None
+                for group, job in delayed:
+                    jobs[group.name] = SlurmJob(group, job, str(job.paths.stdout))
+                    for run in group.runs:
+                        emit("submitted", run, job=job.job_id)
+            if not jobs:
                 continue
-            del jobs[name]
-            finished.add(name)
-            for run in group.runs:
-                state, _ = run_state(run)
-                if state == "done":
-                    emit("done", run)
+            now = time.time()
+            states = queue_states([j.job_id for j in jobs.values()]) if real else {}
+            if states is None:
+                if not squeue_failing:
+                    emit("info", None, message="squeue fails; still waiting for the jobs (is the SLURM controller up?)")
+                squeue_failing = True
+                time.sleep(POLL_S)
+                continue
+            squeue_failing = False
+            stuck = []
+            for slurm_job in list(jobs.values()):
+                if real:
+                    state, reason = states.get(slurm_job.job_id, (None, ""))
+                    if state is not None and state not in ENDED_STATES:
+                        if state == "PENDING" and reason in UNSATISFIABLE:
+                            stuck.append((slurm_job, reason))
+                        elif state == "PENDING" and reason not in BUSY and reason != slurm_job.noted:
+                            emit("info", None, message=f"SLURM job {slurm_job.job_id} is pending: {reason}")
+                            slurm_job.noted = reason
+                        continue
+                    state = (state or accounting.state(slurm_job.job_id)
+                             or "it left the queue; no accounting to tell its state")
                 else:
-                    reason = _read_failed(run) or f"job {job.job_id} ended without its results"
-                    emit("failed", run, message=reason)
-            if any(run_state(run)[0] != "done" for run in group.runs):
-                failed.add(name)
-        if jobs and len(finished) < len(groups):
-            time.sleep(POLL_S)
+                    if not slurm_job.job.done():
+                        continue
+                    state = "ended"
+                runs = slurm_job.group.runs
+                if not (all(run_state(r)[0] == "done" for r in runs) or any(_read_failed(r) for r in runs)):
+                    # Results may show on this host's file system a little after the job ended.
+                    slurm_job.left_at = slurm_job.left_at or now
+                    if now - slurm_job.left_at < RESULT_GRACE_S:
+                        continue
+                finish(slurm_job, state)
+            if stuck:
+                slurm_command(["scancel", *[j.job_id for j, _ in stuck]])
+                for slurm_job, reason in stuck:
+                    message = (f"SLURM job {slurm_job.job_id} can never start: it is pending for {reason} "
+                               f"({cfg.show(*UNSATISFIABLE[reason])}); change "
+                               f"{' or '.join(cfg.names[k] for k in UNSATISFIABLE[reason])} and rerun "
+                               f"(the job was cancelled)")
+                    del jobs[slurm_job.group.name]
+                    finished.add(slurm_job.group.name)
+                    failed.add(slurm_job.group.name)
+                    for run in slurm_job.group.runs:
+                        emit("failed", run, message=message)
+            if jobs and len(finished) < len(groups):
+                time.sleep(POLL_S)
+    finally:
+        if jobs:
+            ids = " ".join(sorted(j.job_id for j in jobs.values()))
+            emit("info", None, message=f"the sweep's {len(jobs)} SLURM job(s) keep running (rerun the sweep to wait "
+                                       f"for them again: finished runs are reused); to stop them: scancel {ids}")
+        else:
+            clean_submission_folder(folder, failed_logs)
     return not failed
 
 

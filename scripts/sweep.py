@@ -24,11 +24,11 @@ Settings come from environment variables (defaults in brackets):
   SKIP_UNAVAILABLE  1: as --skip-unavailable                 []
   LAUNCHER  local (in this process), local:N (N worker processes, one GPU each when
             CUDA_VISIBLE_DEVICES lists several) or slurm (jobs through submitit)   [local]
-  SLURM_PARTITION, SLURM_TIME (minutes), SLURM_GPUS (per job), SLURM_CPUS (per job),
-  SLURM_ARRAY_PARALLELISM (jobs at once)                      [-, 240, 1, 8, 32]
+  SWEEP_SLURM_PARTITION, SWEEP_SLURM_TIME (minutes or [D-]HH:MM:SS), SWEEP_SLURM_GPUS (per job),
+  SWEEP_SLURM_CPUS (per job), SWEEP_SLURM_ARRAY_PARALLELISM (jobs at once)  [-, 240, 1, 8, 32]
+  (the older SLURM_PARTITION, ... names are read too)
 A run is reused only if its results.json is complete and holds the run asked for (the same settings of
-its trainer and the same content of the files it reads); otherwise it runs again. A per-run lock keeps
-two sweeps from running the same run.
+its trainer and the same content of the files it reads); otherwise it runs again. A per-run lock keeps two sweeps from running the same run.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, PROJECT_DIR)
 sys.path.insert(0, os.path.join(PROJECT_DIR, "scripts"))
 
-from _launch import (FAILED_FILE, Group, Run, execute_group, launch_local, launch_pool, launch_slurm,  # noqa: E402
-                     lock_state, parse_launcher, run_state)
+from _launch import (FAILED_FILE, Group, Run, check_launcher, execute_group, launch_local, launch_pool,  # noqa: E402
+                     launch_slurm, lock_state, parse_launcher, run_state)
 from core.errors import UserError  # noqa: E402
 
 # The list of runs a sweep asked for, written into its output root for the aggregator.
@@ -424,6 +424,8 @@ class Progress:
             line = f"rerun  {run.label}: {extra['reason']}; the old files are in {extra['moved']}"
         elif kind == "submitted":
             line = f"queued {run.label} as job {extra['job']}  (log: {log})"
+        elif kind == "info":
+            line = extra["message"]
         else:
             line = f"error: a worker stopped: {extra.get('message')}"
         tqdm.write(line, file=sys.stdout)
@@ -520,6 +522,8 @@ def main(argv=None):
         settings.skip_unavailable = settings.skip_unavailable or skip_unavailable
         lookup(target, settings.data)  # a dataset declared in DATA/<target>/ becomes known by name
         launcher = parse_launcher(settings.launcher)
+        if not show_status:
+            check_launcher(launcher)
         unknown = [m for m in settings.methods if m not in TRAINER_REGISTRY]
         if unknown:
             raise UserError(f"unknown method(s) in METHODS: {', '.join(unknown)}")

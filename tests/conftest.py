@@ -89,3 +89,8 @@ DEMO_CFG = os.path.join(PROJECT_DIR, "configs", "datasets", "demo.yaml")
 
 def recipe(trainer, name):
     return os.path.join(PROJECT_DIR, "configs", "trainers", trainer, f"{name}.yaml")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_accounting: needs a SLURM without accounting (sacct fails); "
+                                       ".ci/run runs these after bringing SLURM up with ACCOUNTING=0")
