@@ -20,7 +20,8 @@ from core.errors import UserError
 
 from .catalog import CATALOG, GROUPS
 from .declared import scan
-from .split_files import (SPLIT_FILE, image_folder, image_presence, load_split_file, locate_split, outside_message,
+from .split_files import (SPLIT_FILE, image_folder, image_presence, load_split_file, locate_split, missing_split_message,
+                          outside_message,
                           shipped_split)
 
 
@@ -29,6 +30,8 @@ def status_of(root, entry):
     path, kind = locate_split(root, entry)
     if entry.generated:
         return "drawn on first use", "-", None, None
+    if path is None and entry.split_hint:
+        return "no split: the published one is not shipped (see below)", "-", None, None
     if path is None:
         return f"no split: make_split after sorting images into {os.path.join(image_folder(root, entry), '<class>', '')}", "-", None, None
     try:
@@ -69,7 +72,7 @@ def main(argv=None):
             return 2
     declared, problems = scan(args.root)
     entries = list(CATALOG.values()) + declared
-    rows, missing, errors = [], [], []
+    rows, missing, errors, unshipped = [], [], [], []
     for entry in entries:
         if args.root:
             status, images, first_missing, error = status_of(args.root, entry)
@@ -78,6 +81,8 @@ def main(argv=None):
             rows.append([entry.name, entry.modality, entry.num_classes, status, images, image_folder(args.root, entry)])
             if first_missing:
                 missing.append(f"  {entry.name}: {first_missing}")
+            if status.startswith("no split: the published"):
+                unshipped.append("  " + missing_split_message(args.root, entry, f"--dataset {entry.name}"))
         else:
             split = "shipped" if shipped_split(entry.name) and not entry.generated else "-"
             rows.append([entry.name, entry.modality, entry.num_classes, split,
@@ -90,6 +95,9 @@ def main(argv=None):
     if missing:
         print("\nfirst missing image per dataset:")
         print("\n".join(missing))
+    if unshipped:
+        print("\nsplits to fetch:")
+        print("\n".join(unshipped))
     print()
     print("groups: " + "; ".join(f"{g} ({len(names)})" for g, names in GROUPS.items()))
     if not args.root:
