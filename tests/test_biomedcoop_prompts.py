@@ -125,3 +125,29 @@ def test_command_lists_and_writes_json_atomically(tmp_path, capsys):
     assert main([str(tmp_path / "repo"), "--classnames", "meningioma tumor", "--out", str(bad)]) == 2
     assert "meningioma tumor" in capsys.readouterr().err
     assert not bad.exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_zero_shot_run_reads_a_checkout_end_to_end(tmp_path, demo_root, capsys):
+    from conftest import DEMO_CFG, recipe, run_train
+    from datasets.catalog import DEMO
+
+    marker = tmp_path / "PWNED"
+    entries = "".join(f"    {c!r}: ['a sketch of {c}.', 'marks drawn as {c}.'],\n" for c in DEMO.classnames)
+    path = write_checkout(tmp_path / "repo", "BIOMEDCOOP_TEMPLATES = {\n" + entries + "}\n", marker)
+
+    def args(out):
+        return ["--root", demo_root, "--trainer", "ZeroShotCLIP", "--dataset-config-file", DEMO_CFG,
+                "--config-file", recipe("ZeroShotCLIP", "descriptions"), "--eval-only", "--output-dir", str(out),
+                "DATASET.DESCRIPTIONS_DIR", str(tmp_path / "repo")]
+
+    code, err = run_train(*args(tmp_path / "out"), capsys=capsys)
+    assert code == 0, err
+    with open(tmp_path / "out" / "results.json") as f:
+        results = json.load(f)
+    assert str(path) in json.dumps(results)
+    # A class the dictionary lacks: one line naming it, exit 2, no results.
+    path.write_text(path.read_text().replace(f"    {DEMO.classnames[1]!r}:", "    'renamed':"), encoding="utf-8")
+    code, err = run_train(*args(tmp_path / "bad"), capsys=capsys)
+    assert code == 2 and f"'{DEMO.classnames[1]}'" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad" / "results.json").exists()
+    assert not marker.exists()
