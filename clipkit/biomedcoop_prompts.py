@@ -20,6 +20,7 @@ from core.errors import UserError
 
 VARIABLE = "BIOMEDCOOP_TEMPLATES"
 RELATIVE_PATH = os.path.join("trainers", "prompt_templates.py")
+ONLY_LITERALS = "only a literal {classname: [sentences]} is read (the file is never run)"
 
 
 def prompt_dictionary_file(path):
@@ -77,55 +78,59 @@ def read_prompt_dictionary(path):
         with open(source_file, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError:
-        raise UserError(f"{source_file} is not UTF-8 text; give the prompt_templates.py of a BiomedCoOp checkout") from None
+        raise UserError(f"{source_file} is not UTF-8 text; "
+                        f"give the prompt_templates.py of a BiomedCoOp checkout") from None
     except OSError as e:
         raise UserError(f"cannot read {source_file}: {e.strerror}") from None
     try:
         tree = ast.parse(text, filename=source_file)
     except SyntaxError as e:
-        raise UserError(f"{source_file} line {e.lineno}: not valid Python ({e.msg}); give an unmodified prompt_templates.py") from None
+        raise UserError(f"{source_file} line {e.lineno}: not valid Python ({e.msg}); "
+                        f"give an unmodified prompt_templates.py") from None
     except (RecursionError, MemoryError, ValueError):
-        raise UserError(f"{source_file} is too deeply nested or malformed to parse; give an unmodified prompt_templates.py") from None
+        raise UserError(f"{source_file} is too deeply nested or malformed to parse; "
+                        f"give an unmodified prompt_templates.py") from None
     value = _find_assignment(tree)
     if value is None:
-        raise UserError(f"{source_file} has no top-level {VARIABLE} = {{...}}; give the prompt_templates.py of a BiomedCoOp checkout")
+        raise UserError(f"{source_file} has no top-level {VARIABLE} = {{...}}; "
+                        f"give the prompt_templates.py of a BiomedCoOp checkout")
     where = f"{source_file} line {getattr(value, 'lineno', '?')}"
     if not isinstance(value, ast.Dict):
-        raise UserError(f"{where}: {VARIABLE} is {_describe(value)}, not a dict literal; only literal "
-                        f"{{classname: [sentences]}} is read (the file is never run)")
+        raise UserError(f"{where}: {VARIABLE} is {_describe(value)}, not a dict literal; {ONLY_LITERALS}")
     prompts = {}
     for key, item in zip(value.keys, value.values):
         if key is None:
             raise UserError(f"{source_file} line {item.lineno}: {VARIABLE} unpacks {_describe(item)} with **; "
-                            f"only literal {{classname: [sentences]}} is read (the file is never run)")
+                            f"{ONLY_LITERALS}")
         if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
-            raise UserError(f"{source_file} line {key.lineno}: a key of {VARIABLE} is {_describe(key)}, not a string "
-                            f"literal; only literal {{classname: [sentences]}} is read (the file is never run)")
+            raise UserError(f"{source_file} line {key.lineno}: a key of {VARIABLE} is {_describe(key)}, "
+                            f"not a string literal; {ONLY_LITERALS}")
         if not isinstance(item, (ast.List, ast.Tuple)):
-            raise UserError(f"{source_file} line {item.lineno}: '{key.value}' maps to {_describe(item)}, not a list of "
-                            f"string literals; only literal {{classname: [sentences]}} is read (the file is never run)")
+            raise UserError(f"{source_file} line {item.lineno}: '{key.value}' maps to {_describe(item)}, "
+                            f"not a list of string literals; {ONLY_LITERALS}")
         sentences = []
         for element in item.elts:
             if not (isinstance(element, ast.Constant) and isinstance(element.value, str)):
-                raise UserError(f"{source_file} line {element.lineno}: a sentence of '{key.value}' is {_describe(element)}, "
-                                f"not a string literal; only literal {{classname: [sentences]}} is read (the file is never run)")
+                raise UserError(f"{source_file} line {element.lineno}: a sentence of '{key.value}' is "
+                                f"{_describe(element)}, not a string literal; {ONLY_LITERALS}")
             sentences.append(element.value)
         prompts[key.value] = sentences
     return prompts
 
 
-def load_biomedcoop_prompts(path, classnames):
+def load_biomedcoop_prompts(path, classnames, allow_missing=False, missing_hint=""):
     """Sentences for each of ``classnames`` (list of lists, same order) from the original's prompt dictionary.
 
     Class names must match the keys exactly, as in the original code. Every missing class is named in
-    one error, with the key that differs only in case or underscores where there is one.
+    one error, with the key that differs only in case or underscores where there is one; with
+    ``allow_missing`` a missing class gets an empty list instead. ``missing_hint`` ends that error.
     """
     from datasets.catalog import normalize_classname
 
     prompts = read_prompt_dictionary(path)
     source_file = prompt_dictionary_file(path)
     missing = [name for name in classnames if not prompts.get(name)]
-    if missing:
+    if missing and not allow_missing:
         by_normalized = {normalize_classname(k): k for k in prompts}
         parts = []
         for name in missing:
@@ -136,9 +141,10 @@ def load_biomedcoop_prompts(path, classnames):
                 parts.append(f"'{name}' (the file has '{near}'; keys are case-sensitive)")
             else:
                 parts.append(f"'{name}'")
-        raise UserError(f"{VARIABLE} in {source_file} has no sentences for {len(missing)} of {len(classnames)} classes: "
-                        f"{', '.join(parts)}; use a dataset whose class names are its keys, or a descriptions JSON")
-    return [list(prompts[name]) for name in classnames]
+        raise UserError(f"{VARIABLE} in {source_file} has no sentences for {len(missing)} of {len(classnames)} "
+                        f"classes: {', '.join(parts)}; use a dataset whose class names are its keys, "
+                        f"or a descriptions JSON" + (f", or {missing_hint}" if missing_hint else ""))
+    return [list(prompts.get(name) or []) for name in classnames]
 
 
 def main(argv=None):

@@ -57,6 +57,8 @@ def test_keys_are_case_sensitive_and_missing_classes_are_named_in_one_line(tmp_p
     assert "2 of 3 classes" in message
     assert "'normal oct scan' (the file has 'normal OCT scan'" in message
     assert "'pituitary tumor'" in message and "'glioma tumor'" not in message
+    got = load_biomedcoop_prompts(str(tmp_path), ["pituitary tumor", "normal OCT scan"], allow_missing=True)
+    assert got == [[], ["an OCT sentence."]]
 
 
 @pytest.mark.parametrize("body, what", [
