@@ -1,4 +1,8 @@
-"""Reading ``llm_descriptions/<dataset>.json`` files ({classname: [descriptions]})."""
+"""Reading ``llm_descriptions/<dataset>.json`` files ({classname: [descriptions]}).
+
+A descriptions folder or file may also be a BiomedCoOp checkout or its ``trainers/prompt_templates.py``:
+its ``BIOMEDCOOP_TEMPLATES`` dict is then parsed, never run (``clipkit.biomedcoop_prompts``).
+"""
 from __future__ import annotations
 
 import os
@@ -8,15 +12,21 @@ from core.utils import read_json
 from datasets.catalog import DECLARED, normalize_classname
 
 from .backbones import PROJECT_DIR
+from .biomedcoop_prompts import load_biomedcoop_prompts, prompt_dictionary_file
 
 
 def descriptions_path(dataset, descriptions_dir="llm_descriptions"):
-    """A declared dataset's own descriptions file, else ``<descriptions_dir>/<dataset>.json``."""
+    """A declared dataset's own descriptions file, else ``<descriptions_dir>/<dataset>.json``.
+
+    Either may name a BiomedCoOp checkout or its prompt_templates.py; the path is then that .py file.
+    """
     declared = DECLARED.get(dataset)
     if declared is not None and declared.descriptions:
-        return declared.descriptions
+        return prompt_dictionary_file(declared.descriptions) or declared.descriptions
     directory = descriptions_dir if os.path.isabs(descriptions_dir) else os.path.join(PROJECT_DIR, descriptions_dir)
-    return os.path.join(directory, f"{dataset}.json")
+    if directory.endswith(".py"):
+        return directory
+    return prompt_dictionary_file(directory) or os.path.join(directory, f"{dataset}.json")
 
 
 def load_descriptions(dataset, classnames, descriptions_dir="llm_descriptions"):
@@ -26,6 +36,8 @@ def load_descriptions(dataset, classnames, descriptions_dir="llm_descriptions"):
     spaces. A class with no descriptions is an error naming the class and file.
     """
     path = descriptions_path(dataset, descriptions_dir)
+    if path.endswith(".py"):
+        return load_biomedcoop_prompts(path, classnames)
     if not os.path.isfile(path):
         declared = DECLARED.get(dataset)
         if declared is not None:

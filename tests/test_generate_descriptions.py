@@ -350,8 +350,8 @@ def test_declared_dataset_gets_its_declared_descriptions_file(tmp_path):
     folder = tmp_path / "data" / "Moles"
     folder.mkdir(parents=True)
     (folder / "dataset.yaml").write_text(
-        "name: Moles\nmodality: dermoscopy\nclassnames: [benign_nevus, melanoma]\n"
-        "template: 'a dermoscopy image of {}.'\ndescriptions: moles_descriptions.json\n"
+        "name: Moles\nmodality: thermography\nclassnames: [benign_nevus, melanoma]\n"
+        "template: 'a thermography image of {}.'\ndescriptions: moles_descriptions.json\n"
     )
     with FakeServer() as server:
         assert run(server, tmp_path / "out", "--answers-per-question", "1", "--root", str(tmp_path / "data"),
@@ -361,7 +361,7 @@ def test_declared_dataset_gets_its_declared_descriptions_file(tmp_path):
     assert not (tmp_path / "out" / "Moles.json").exists()
     questions = [r["body"]["messages"][-1]["content"] for r in server.requests]
     assert len(questions) == 2 * N_QUESTIONS
-    assert all("dermoscopy images" in q for q in questions) and any(gd.GENERIC_FOCUS in q for q in questions)
+    assert all("thermography images" in q for q in questions) and any(gd.GENERIC_FOCUS in q for q in questions)
 
 
 @pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
