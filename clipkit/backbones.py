@@ -168,6 +168,19 @@ def _check_hf_folder(folder, source):
         )
 
 
+@contextmanager
+def _remote_code_refused():
+    """Within: Hugging Face loaders refuse code of a model's own where they would ask whether to run it."""
+    from transformers import dynamic_module_utils
+
+    saved = dynamic_module_utils.TIME_OUT_REMOTE_CODE
+    dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0  # no prompt: trust_remote_code stays off
+    try:
+        yield
+    finally:
+        dynamic_module_utils.TIME_OUT_REMOTE_CODE = saved
+
+
 def _get_tokenizer(name, text_cfg, source, **kwargs):
     """open_clip.get_tokenizer with the config's tokenizer settings checked and remote code off for HF tokenizers."""
     import open_clip
@@ -460,6 +473,7 @@ def load_backbone(name, pretrained="", cache_dir="", device="cpu"):
     return dataclasses.replace(kept, model=copy.deepcopy(kept.model))
 
 
+@_remote_code_refused()
 def _build_backbone(name, pretrained, cache_dir, device):
     import open_clip
 
@@ -486,6 +500,9 @@ def _build_backbone(name, pretrained, cache_dir, device):
             text_cfg = copy.deepcopy(model_cfg.get("text_cfg", {}))
             source = f"backbone folder {spec['local']}"
             _check_text_cfg(text_cfg, source)
+            hf_name = text_cfg.get("hf_model_name")
+            if isinstance(hf_name, str) and os.path.isfile(os.path.join(hf_name, "config.json")):
+                _check_hf_folder(hf_name, source)  # a text tower in another folder
             if text_cfg.get("hf_model_name") and os.path.isfile(os.path.join(spec["local"], "config.json")):
                 _check_hf_folder(spec["local"], source)
                 # The text encoder's own config sits in the folder: no hub look-up; its weights come

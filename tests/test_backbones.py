@@ -141,9 +141,39 @@ def test_folder_tokenizer_auto_map_is_ignored(tmp_path):
     assert type(backbone.tokenizer.tokenizer).__name__.startswith("BertTokenizer") and not marker.exists()
 
 
-def test_folder_text_tower_of_its_own_code_is_refused(tmp_path):
+@pytest.mark.parametrize("where", ["in the folder", "in another folder"])
+def test_folder_text_tower_of_its_own_code_is_refused(where, tmp_path):
+    import json
+
     marker = tmp_path / "marker"
     folder = bert_snapshot(tmp_path, marker, auto_map_config=True)
+    if where == "in another folder":
+        tower = tmp_path / "tower"
+        tower.mkdir()
+        for name in ("config.json", "marker_code.py"):
+            (folder / name).rename(tower / name)
+        config = json.loads((folder / "open_clip_config.json").read_text())
+        config["model_cfg"]["text_cfg"]["hf_model_name"] = str(tower)
+        (folder / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="names no built-in Hugging Face architecture \\(model_type 'marker'\\)") as info:
         load_backbone(str(folder))
     assert "\n" not in str(info.value) and not marker.exists()
+
+
+def test_backbones_are_built_with_remote_code_refused_not_asked_about(tmp_path, monkeypatch):
+    """Where transformers would ask on the terminal whether to run a model's own code, building a backbone
+    refuses instead (an answer typed in is never read)."""
+    from transformers import dynamic_module_utils
+
+    from clipkit.backbones import _remote_code_refused
+
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    before = dynamic_module_utils.TIME_OUT_REMOTE_CODE
+    with _remote_code_refused():
+        with pytest.raises(ValueError, match="custom code"):
+            dynamic_module_utils.resolve_trust_remote_code(None, str(tmp_path), has_local_code=False,
+                                                           has_remote_code=True)
+    assert not asked and dynamic_module_utils.TIME_OUT_REMOTE_CODE == before
+    assert dynamic_module_utils.resolve_trust_remote_code(None, str(tmp_path), False, True) is True  # outside: asked
+    assert asked
