@@ -163,7 +163,10 @@ def test_interrupted_run_resumes_to_the_same_prompts(tmp_path, demo_root, capsys
     for k in a:
         assert_close(a[k], b[k])
 
-    code, err = run_train(*train_args(demo_root, resumed, "tiny-clip", *opts[:2], "OPTIM.MAX_EPOCH", "9"), capsys=capsys)
+    # Resuming these checkpoints with another schedule is refused (in their own folder, another schedule is
+    # another run: the old one is moved aside, see test_run_identity.py).
+    code, err = run_train("--resume", resumed, *train_args(demo_root, str(tmp_path / "longer"), "tiny-clip", *opts[:2],
+                                                           "OPTIM.MAX_EPOCH", "9"), capsys=capsys)
     assert code == 2 and "OPTIM.MAX_EPOCH 6 -> 9" in err
 
 
