@@ -138,9 +138,7 @@ class SplitDataset(DatasetBase):
         classnames = self.subsample_classnames(subsample)
         if num_shots >= 1:
             # What training saw, for results.json: distinct images per class (fewer than asked where a class is short).
-            per_class = Counter()
-            for d in {(d.impath, d.classname) for d in train}:
-                per_class[d[1]] += 1
+            per_class = Counter(classname for _, classname in {(d.impath, d.classname) for d in train})
             counts = {c: per_class.get(c, 0) for c in classnames}
             self.shots_used = {"asked": num_shots, "min": min(counts.values(), default=0),
                                "max": max(counts.values(), default=0), "per_class": counts}
