@@ -16,6 +16,11 @@ TRAINER_MODULES = {
     "CoCoOp": "cocoop",
     "IVLP": "ivlp",
     "MaPLe": "maple",
+    "CLIP-Adapter": "clip_adapter",
+    "Tip-Adapter": "tip_adapter",
+    "Tip-Adapter-F": "tip_adapter_f",
+    "LP": "linear_probe",
+    "LP++": "lp_plus_plus",
 }
 TRAINER_NAMES = tuple(TRAINER_MODULES)
 
