@@ -96,7 +96,11 @@ class FeatureTrainer(CLIPTrainer):
         logger.info(f"zero-shot classifier from the template, e.g. '{prompts[0]}'")
         self.text_features = self.encode_texts(prompts).float()
         n_train = len(self.dm.dataset.train_x) if self.dm.dataset.train_x else 0
-        self.model = self.build_head(self.text_features.shape[1], len(self.classnames), n_train).to(self.device)
+        # The initial weights and the batch order depend on the run's seed only, not on what ran before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(max(self.cfg.SEED, 0))
+            head = self.build_head(self.text_features.shape[1], len(self.classnames), n_train)
+        self.model = head.to(self.device)
         self.register_model(self.model_name, self.model, None, None)
         self.generator = torch.Generator().manual_seed(max(self.cfg.SEED, 0))
         self.images_encoded, self.images_from_cache = {}, {}
