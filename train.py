@@ -166,10 +166,10 @@ def list_names(root=""):
     """Trainer and dataset names, from tables: nothing heavy is imported."""
     from datasets.catalog import known_names
     from datasets.declared import scan
-    from trainers import TRAINER_NAMES
+    from trainers import trainer_names
 
     _, problems = scan(root)
-    print("trainers: " + ", ".join(sorted(TRAINER_NAMES, key=str.lower)))
+    print("trainers: " + ", ".join(trainer_names()))
     print("datasets: " + ", ".join(known_names()))
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
@@ -182,11 +182,11 @@ def check_early(args, cfg=None):
     can tell: the trainer name, override keys outside TRAINER, and the dataset name.
     """
     from datasets.declared import entry_for_cfg, is_declaration
-    from trainers import TRAINER_NAMES
+    from trainers import trainer_names
 
     name = cfg.TRAINER.NAME if cfg is not None else args.trainer
-    if name and name not in TRAINER_NAMES:
-        raise UserError(f"unknown trainer '{name}'; trainers: {', '.join(TRAINER_NAMES)}")
+    if name and name not in trainer_names():
+        raise UserError(f"unknown trainer '{name}'; trainers: {', '.join(trainer_names())}")
     if cfg is None:
         light = get_cfg_default()
         path = args.dataset_config_file

@@ -39,19 +39,14 @@ def write_descriptions(folder, per_class):
 
 
 def build_trainer(trainer, recipe, root, output_dir, backbone, *opts, extra_args=()):
-    import train
-    from core.engine import TRAINER_REGISTRY
-    from core.utils import setup_logger
+    from runs import build_trainer as build
 
-    args = train.build_parser().parse_args([
+    return build([
         "--root", root, "--trainer", trainer, "--seed", "1",
         "--dataset-config-file", os.path.join(PROJECT_DIR, "configs", "datasets", "demo.yaml"),
         "--config-file", os.path.join(PROJECT_DIR, "configs", "trainers", trainer, f"{recipe}.yaml"),
         "--output-dir", output_dir, *extra_args, "MODEL.BACKBONE.NAME", backbone, "VERBOSE", "False", *opts,
     ])
-    cfg = train.setup_cfg(args)
-    setup_logger(cfg.OUTPUT_DIR)
-    return TRAINER_REGISTRY.get(cfg.TRAINER.NAME)(cfg)
 
 
 class Timer:

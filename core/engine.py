@@ -436,8 +436,9 @@ class SimpleTrainer(TrainerBase):
 
 
     # What the trainer learns from, read by sweeps and tables: "zero-shot" (nothing is trained),
-    # "text-only" (no image is seen in training) or "image-trained" (few-shot images).
-    kind = "image-trained"
+    # "text-only" (no image is seen in training), "image-trained" (prompts trained on few-shot images)
+    # or "feature-based" (a model on frozen features of few-shot images).
+    KIND = "image-trained"
 
     def method_label(self):
         """The method's name in tables: the trainer, and what it started from or how it prompts."""
@@ -450,7 +451,7 @@ class SimpleTrainer(TrainerBase):
         record = {
             "trainer": cfg.TRAINER.NAME,
             "method": self.method_label(),
-            "kind": self.kind,
+            "kind": self.KIND,
             "recipe": recipe,
             "dataset": cfg.DATASET.NAME,
             "subsample": cfg.DATASET.SUBSAMPLE_CLASSES,

@@ -64,7 +64,7 @@ class Group:
 def run_state(run):
     """("done", record) | ("pending", None) | ("stale", reason): what the run's folder holds."""
     from aggregate import read_result
-    from train import identity_hash
+    from runs import identity_hash
 
     record, problem = read_result(run.out)
     if record is not None:
@@ -194,13 +194,13 @@ def free_memory():
 
 def train_in_process(run):
     """train.py's main on the run; (ok, message). Ctrl-C inside the run is raised again here."""
-    import train
+    import runs
     from core.utils import setup_logger
 
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = train.main(list(run.argv))
+            code = runs.run(run.argv)
     except Exception as e:  # a bug, not a user mistake: keep the traceback in the run's log
         with open(os.path.join(run.out, "log.txt"), "a", encoding="utf-8") as f:
             f.write(traceback.format_exc())

@@ -33,7 +33,7 @@ from core.utils import atomic_open, write_json_atomic  # noqa: E402
 MANIFEST = "sweep.json"
 # Fields without which a results.json is not a finished run.
 REQUIRED = ("trainer", "method", "kind", "dataset", "seed", "identity", "finished")
-KINDS = ("zero-shot", "text-only", "image-trained")
+KINDS = ("zero-shot", "text-only", "image-trained", "feature-based")
 
 
 def read_result(folder):
@@ -56,7 +56,7 @@ def read_result(folder):
 
 def collect(root, manifest=None):
     """(records, problems): the runs asked for (manifest) or found under root, and what is wrong with others."""
-    from train import identity_hash
+    from runs import identity_hash
 
     records, problems = [], []
     if manifest is None and os.path.isfile(os.path.join(root, MANIFEST)):

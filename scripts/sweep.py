@@ -12,7 +12,8 @@ Settings come from environment variables (defaults in brackets):
   DATA      data root                                         [./data]
   OUTPUT    output root                                       [./output]
   BACKBONE  MODEL.BACKBONE.NAME                               [demo-clip for demo, else pmc-clip]
-  METHODS   methods for base2new                              [ZeroShotCLIP MedPromptCLIP CoOp MaPLe]
+  METHODS   methods for base2new and fewshot; "X+MedPromptCLIP" = X started from MedPromptCLIP
+            prompts (fewshot)      [the trainers declaring the protocol in DEFAULT_IN: trainers/base.py]
   SEEDS     seeds                                             [1 2 3]
   SHOTS     shots for fewshot (and for image-based base2new)  [1 2 4 8 16] / [16]
   OPTS      extra KEY VALUE overrides for every run           []
@@ -40,8 +41,10 @@ from core.errors import UserError  # noqa: E402
 
 # The list of runs a sweep asked for, written into its output root for the aggregator.
 MANIFEST = "sweep.json"
-# The method of the few-shot rows started from MedPromptCLIP prompts: the paper's few-shot setting.
-STACKED = "IVLP"
+# A METHODS entry "<Trainer>+MedPromptCLIP": the trainer started from MedPromptCLIP prompts (the stacked
+# few-shot rows, the paper's few-shot setting).
+STACKED_SUFFIX = "+MedPromptCLIP"
+SOURCE_TRAINER = "MedPromptCLIP"
 MIN_CLASSES_BASE2NEW = 4
 
 
@@ -52,7 +55,7 @@ class Settings:
         self.data = env.get("DATA", os.path.join(PROJECT_DIR, "data"))
         self.output = env.get("OUTPUT", os.path.join(PROJECT_DIR, "output"))
         self.backbone = env.get("BACKBONE") or ("demo-clip" if target == "demo" else "pmc-clip")
-        self.methods = env.get("METHODS", "ZeroShotCLIP MedPromptCLIP CoOp MaPLe").split()
+        self.methods = env.get("METHODS", "").split()
         self.seeds = [int(s) for s in env.get("SEEDS", "1 2 3").split()]
         self.shots = [int(s) for s in env.get("SHOTS", "1 2 4 8 16").split()]
         self.base2new_shots = int(env.get("SHOTS", "16").split()[-1])
@@ -96,9 +99,10 @@ def preflight(settings, names):
                 f"dataset {name}: {found}/{listed} images of the {'shipped' if kind == 'shipped' else 'dataset'} split "
                 f"found under {images} (first missing: {first_missing})"
             )
-        if entry.declared_in and "MedPromptCLIP" in settings.methods and not os.path.isfile(descriptions_path(name)):
+        readers = [m for m in settings.methods if trainer_of(m).NEEDS_DESCRIPTIONS]
+        if entry.declared_in and readers and not os.path.isfile(descriptions_path(name)):
             problems.append(
-                f"dataset {name}: no descriptions file {descriptions_path(name)} for MedPromptCLIP; name one in "
+                f"dataset {name}: no descriptions file {descriptions_path(name)} for {readers[0]}; name one in "
                 f"{entry.declared_in} or generate it: python scripts/generate_descriptions.py {name} --root {settings.data}"
             )
     opts = dict(zip(settings.opts[::2], settings.opts[1::2]))
@@ -130,18 +134,63 @@ def common(settings, dataset, trainer, recipe, seed, shots=None):
     ]
 
 
-def kind_of(method):
-    """The trainer's kind from the registry: zero-shot, text-only or image-trained."""
-    from core.engine import TRAINER_REGISTRY
+def trainer_of(method):
+    """The trainer class of a METHODS entry ("X" or "X+MedPromptCLIP")."""
+    from trainers import trainer_class
 
-    return TRAINER_REGISTRY.get(method).kind
+    return trainer_class(method.removesuffix(STACKED_SUFFIX))
+
+
+def kind_of(method):
+    """The trainer's kind from the registry: zero-shot, text-only, image-trained or feature-based."""
+    return trainer_of(method).KIND
+
+
+def uses_shots(kind):
+    """Whether runs of this kind train on DATASET.NUM_SHOTS images per class."""
+    return kind in ("image-trained", "feature-based")
+
+
+def default_methods(protocol):
+    """METHODS when unset: the trainers declaring ``protocol`` in DEFAULT_IN (few-shot: and "stacked"),
+    zero-shot first, then text-only, image-trained, feature-based."""
+    from trainers import trainer_class, trainer_names
+
+    order = ("zero-shot", "text-only", "image-trained", "feature-based")
+    methods = []
+    for name in sorted(trainer_names(), key=lambda n: (order.index(trainer_class(n).KIND), n.lower())):
+        declared = trainer_class(name).DEFAULT_IN
+        if protocol in declared:
+            methods.append(name)
+        if protocol == "fewshot" and "stacked" in declared:
+            methods.append(name + STACKED_SUFFIX)
+    return methods
+
+
+def check_methods(settings, protocol):
+    """Every METHODS entry has a recipe for the protocol (one line naming those that do not)."""
+    if protocol not in ("base2new", "fewshot"):
+        return
+    if not settings.methods:
+        settings.methods = default_methods(protocol)
+    for method in settings.methods:
+        stacked = method.endswith(STACKED_SUFFIX)
+        cls = trainer_of(method)
+        needed = "stacked" if stacked else protocol
+        if stacked and (protocol != "fewshot" or cls.PROMPT_SHAPE_KEYS is None):
+            raise UserError(f"METHODS: {method} is not a method of the {protocol} sweep; "
+                            f"'X{STACKED_SUFFIX}' is few-shot only, for trainers that start from MedPromptCLIP prompts")
+        if needed not in cls.RECIPES:
+            have = ", ".join(p for p in cls.RECIPES if p != "stacked") or "none"
+            raise UserError(f"METHODS: {method} has no {needed} recipe, so it cannot run in the {protocol} sweep "
+                            f"(its protocols: {have}); leave it out of METHODS")
 
 
 def opts_tag(opts):
     """A short hash of the OPTS that change what a run computes ('' without such OPTS), for folder names."""
-    from train import NOT_IDENTITY
+    from runs import not_identity
 
-    pairs = sorted((k, v) for k, v in zip(opts[::2], opts[1::2]) if k not in NOT_IDENTITY)
+    pairs = sorted((k, v) for k, v in zip(opts[::2], opts[1::2]) if k not in not_identity())
     if not pairs:
         return ""
     return hashlib.sha256(json.dumps(pairs).encode("utf-8")).hexdigest()[:8]
@@ -180,18 +229,16 @@ class Plan:
 
     def resolve(self):
         """Each run's identity (its resolved config): a bad setting stops the sweep before anything runs."""
-        import train
+        from runs import identity_hash, resolve_run
 
         known = {}
         for run in self.runs:
-            args = train.build_parser().parse_args(run.argv)
-            cfg = train.setup_cfg(args)
-            run.identity = train.run_identity(cfg, args, known)
-            known[os.path.abspath(run.out)] = train.identity_hash(run.identity)
+            _, run.identity = resolve_run(run.argv, known)
+            known[os.path.abspath(run.out)] = identity_hash(run.identity)
 
     def manifest(self):
         """What the aggregator checks: every run asked for, with its identity hash."""
-        from train import identity_hash
+        from runs import identity_hash
 
         return {"protocol": self.protocol, "backbone": self.settings.backbone, "seeds": self.settings.seeds,
                 "opts": self.settings.opts,
@@ -215,7 +262,7 @@ def base2new(settings):
         for method in settings.methods:
             kind = kind_of(method)
             recipe = "base2new"
-            shots = settings.base2new_shots if kind == "image-trained" else 0
+            shots = settings.base2new_shots if uses_shots(kind) else 0
             # Zero-shot evaluation has no randomness: one seed.
             for seed in settings.seeds[:1] if kind == "zero-shot" else settings.seeds:
                 folder = plan.folder(dataset, method, recipe, seed, shots)
@@ -226,7 +273,7 @@ def base2new(settings):
                     plan.group([plan.run(f"{name} base", base_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "base"]),
                                 plan.run(f"{name} new", new_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "new"])])
                     continue
-                shot_args = ["DATASET.NUM_SHOTS", str(shots)] if kind == "image-trained" else []
+                shot_args = ["DATASET.NUM_SHOTS", str(shots)] if uses_shots(kind) else []
                 plan.group([
                     plan.run(f"{name} train base", base_dir, [*args, *shot_args, "DATASET.SUBSAMPLE_CLASSES", "base"]),
                     plan.run(f"{name} test new", new_dir,
@@ -235,50 +282,63 @@ def base2new(settings):
     return plan
 
 
-def stacking_overrides(settings, dataset):
-    """Overrides giving the MedPromptCLIP run the stacked recipe's text prompt shape ([] if it has it)."""
+def stacking_overrides(settings, dataset, trainer):
+    """Overrides giving the MedPromptCLIP run ``trainer``'s stacked recipe's text prompt shape ([] if it has it)."""
     from trainers.recipes import recipe_file, resolve, source_overrides
 
     ds = dataset_config(dataset)
-    source = resolve("MedPromptCLIP", recipe_file("MedPromptCLIP", "fewshot", dataset), ds, settings.opts)
-    target = resolve(STACKED, recipe_file(STACKED, "stacked", dataset), ds, settings.opts)
-    return source_overrides(source, STACKED, target)
+    source = resolve(SOURCE_TRAINER, recipe_file(SOURCE_TRAINER, "fewshot", dataset), ds, settings.opts)
+    target = resolve(trainer, recipe_file(trainer, "stacked", dataset), ds, settings.opts)
+    return source_overrides(source, trainer, target)
 
 
 def fewshot(settings):
+    """Per dataset: zero-shot methods once, text-only methods once per seed (the 0-shot line), methods
+    trained on images per seed and shots, and "X+MedPromptCLIP" per seed and shots after the
+    MedPromptCLIP run its prompts start from."""
     names = datasets_of(settings.target)
     preflight(settings, names)
     plan = Plan("fewshot", settings, os.path.join(settings.output, "fewshot", settings.backbone.replace("/", "-")))
-    methods = ["CoOp", "MaPLe"]
+    stacked = [m.removesuffix(STACKED_SUFFIX) for m in settings.methods if m.endswith(STACKED_SUFFIX)]
+    plain = [m for m in settings.methods if not m.endswith(STACKED_SUFFIX)]
+    zs_seed = settings.seeds[0]  # zero-shot evaluation has no randomness: one seed
     for dataset in names:
-        reshape = stacking_overrides(settings, dataset)
-        zs_seed = settings.seeds[0]  # zero-shot evaluation has no randomness: one seed
-        plan.group([plan.run(f"ZeroShotCLIP {dataset}", plan.folder(dataset, "ZeroShotCLIP", "fewshot", zs_seed),
-                             [*common(settings, dataset, "ZeroShotCLIP", "fewshot", zs_seed), "--eval-only"])])
+        reshapes = {trainer: stacking_overrides(settings, dataset, trainer) for trainer in stacked}
+        for method in plain:
+            if kind_of(method) == "zero-shot":
+                plan.group([plan.run(f"{method} {dataset}", plan.folder(dataset, method, "fewshot", zs_seed),
+                                     [*common(settings, dataset, method, "fewshot", zs_seed), "--eval-only"])])
         for seed in settings.seeds:
-            # MedPromptCLIP on all classes: the 0-shot line, and the prompts stacking starts from when they fit.
-            source = plan.folder(dataset, "MedPromptCLIP", "fewshot", seed)
-            source_group = plan.group([plan.run(f"MedPromptCLIP {dataset} seed {seed}", source,
-                                                common(settings, dataset, "MedPromptCLIP", "fewshot", seed))])
-            if reshape:
-                # The 0-shot run's prompts do not fit the stacked recipe: the stacked rows start from a MedPromptCLIP
-                # run of the same recipe with the stacked recipe's text context (not evaluated, not a row).
-                source = plan.folder(dataset, "MedPromptCLIP", "fewshot", seed, label="MedPromptCLIP-source")
-                source_group = plan.group([plan.run(
-                    f"MedPromptCLIP {dataset} seed {seed} ({' '.join(reshape)})", source,
-                    [*common(settings, dataset, "MedPromptCLIP", "fewshot", seed), "TEST.NO_TEST", "True", *reshape])])
-            for method in methods:
+            source_groups = {}
+            if SOURCE_TRAINER in plain or stacked:
+                # MedPromptCLIP on all classes: the 0-shot line, and the prompts stacking starts from when they fit.
+                source = plan.folder(dataset, SOURCE_TRAINER, "fewshot", seed)
+                source_groups[()] = source, plan.group([plan.run(
+                    f"{SOURCE_TRAINER} {dataset} seed {seed}", source, common(settings, dataset, SOURCE_TRAINER, "fewshot", seed))])
+            for reshape in dict.fromkeys(tuple(r) for r in reshapes.values() if r):
+                # The 0-shot run's prompts do not fit a stacked recipe: its rows start from a MedPromptCLIP run
+                # of the same recipe with the stacked recipe's text context (not evaluated, not a row).
+                label = f"{SOURCE_TRAINER}-source" + (f"-{len(source_groups)}" if len(source_groups) > 1 else "")
+                source = plan.folder(dataset, SOURCE_TRAINER, "fewshot", seed, label=label)
+                source_groups[reshape] = source, plan.group([plan.run(
+                    f"{SOURCE_TRAINER} {dataset} seed {seed} ({' '.join(reshape)})", source,
+                    [*common(settings, dataset, SOURCE_TRAINER, "fewshot", seed), "TEST.NO_TEST", "True", *reshape])])
+            for method in plain:
+                if not uses_shots(kind_of(method)):
+                    continue
                 for shots in settings.shots:
                     args = [*common(settings, dataset, method, "fewshot", seed, shots), "DATASET.NUM_SHOTS", str(shots)]
                     plan.group([plan.run(f"{method} {dataset} {shots}-shot seed {seed}",
                                          plan.folder(dataset, method, "fewshot", seed, shots), args)])
-            for shots in settings.shots:
-                stacked = [*common(settings, dataset, STACKED, "stacked", seed), "--init-from", source,
-                           "DATASET.NUM_SHOTS", str(shots)]
-                plan.group([plan.run(f"{STACKED}+MedPromptCLIP {dataset} {shots}-shot seed {seed}",
-                                     plan.folder(dataset, STACKED, "stacked", seed, shots,
-                                                 label=f"{STACKED}+MedPromptCLIP"), stacked)],
-                           after=[source_group])
+            for trainer in stacked:
+                source, source_group = source_groups[tuple(reshapes[trainer])]
+                for shots in settings.shots:
+                    args = [*common(settings, dataset, trainer, "stacked", seed), "--init-from", source,
+                            "DATASET.NUM_SHOTS", str(shots)]
+                    plan.group([plan.run(f"{trainer}{STACKED_SUFFIX} {dataset} {shots}-shot seed {seed}",
+                                         plan.folder(dataset, trainer, "stacked", seed, shots,
+                                                     label=trainer + STACKED_SUFFIX), args)],
+                               after=[source_group])
     return plan
 
 
@@ -431,18 +491,17 @@ def main(argv=None):
             print(__doc__, file=sys.stderr)
             return 2
         protocol, target = argv[0], argv[1]
-        import trainers
         from datasets.declared import lookup
-
-        trainers.register_all()
-        from core.engine import TRAINER_REGISTRY
+        from trainers import trainer_names
 
         settings = Settings(target)
         lookup(target, settings.data)  # a dataset declared in DATA/<target>/ becomes known by name
         launcher = parse_launcher(settings.launcher)
-        unknown = [m for m in settings.methods if m not in TRAINER_REGISTRY]
+        unknown = [m for m in settings.methods if m.removesuffix(STACKED_SUFFIX) not in trainer_names()]
         if unknown:
-            raise UserError(f"unknown method(s) in METHODS: {', '.join(unknown)}")
+            raise UserError(f"unknown method(s) in METHODS: {', '.join(unknown)}; "
+                            f"trainers: {', '.join(trainer_names())}")
+        check_methods(settings, protocol)
         if protocol == "crossmodal":
             plan = crossmodal(settings, argv[2] if len(argv) > 2 else target)
         else:

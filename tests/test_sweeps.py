@@ -109,10 +109,20 @@ def test_manifest_rejects_runs_with_other_settings(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(__import__("core.engine").engine.TRAINER_REGISTRY.registered_names()))
-def test_every_trainer_declares_its_kind(name):
+def test_every_trainer_declares_what_sweeps_read(name):
     from core.engine import TRAINER_REGISTRY
+    from trainers.recipes import PROTOCOLS, recipe_file
 
-    assert TRAINER_REGISTRY.get(name).kind in aggregate.KINDS
+    cls = TRAINER_REGISTRY.get(name)
+    assert cls.KIND in aggregate.KINDS
+    assert set(cls.RECIPES) <= set(PROTOCOLS) and set(cls.RECIPES_BY_SHOTS) <= set(cls.RECIPES)
+    assert set(cls.DEFAULT_IN) <= set(cls.RECIPES)
+    assert ("stacked" in cls.RECIPES) <= (cls.PROMPT_SHAPE_KEYS is not None)
+    # Every recipe it declares is a file, on real data and on the demo.
+    for protocol in cls.RECIPES:
+        for shots in (None, *cls.RECIPES_BY_SHOTS.get(protocol, {})):
+            for dataset in ("ODIR", "demo"):
+                assert os.path.isfile(recipe_file(name, protocol, dataset, shots)), (protocol, dataset, shots)
 
 
 def test_backbones_load_once_and_each_run_gets_its_own_copy(monkeypatch):

@@ -29,9 +29,52 @@ class CLIPTrainer(TrainerX):
     ``build_model``. Those whose logits depend only on frozen image features
     and per-class text features implement ``class_text_features`` and get
     evaluation that encodes each image once per run.
+
+    A trainer declares on its class what the rest of the project needs to know about it; sweeps
+    (scripts/sweep.py), the recipe chooser (trainers/recipes.py), the aggregator and the checkpoint
+    readers read these attributes through ``trainers.trainer_class(name)`` and keep no list of
+    trainer names. A subclass overrides only what differs:
+
+    ``KIND``
+        "zero-shot" (nothing trained; evaluated once, one seed), "text-only" (trained on text, no
+        image), "image-trained" (prompts trained on few-shot images) or "feature-based" (a model on
+        frozen features of few-shot images). Sweeps give the last two ``DATASET.NUM_SHOTS``; tables
+        group rows by it.
+    ``LABEL``
+        The method's name in tables; empty = the registered name (``method_label`` may refine it).
+    ``RECIPES``
+        {protocol: recipe}, the recipe (``configs/trainers/<Trainer>/<recipe>.yaml``) each sweep
+        protocol runs: "base2new", "fewshot", "crossmodal", "zeroshot", and "stacked" (few-shot
+        rows started from MedPromptCLIP prompts, ``--init-from``). A protocol absent from the dict
+        is unsupported: a sweep asked to run the trainer there stops with one line.
+    ``RECIPES_BY_SHOTS``
+        {protocol: {shots: recipe}}: a shot-dependent schedule (CoOp's 50/100/200 epochs); shots
+        not listed use ``RECIPES``.
+    ``DEMO_RECIPES``
+        {protocol: recipe} used on the synthetic demo dataset instead (published schedules suit
+        real data); the key "default" serves every other protocol. Empty: the demo runs ``RECIPES``.
+    ``DEFAULT_IN``
+        Protocols whose sweep runs the trainer when METHODS is not set ("stacked": the few-shot
+        sweep runs it as "<Trainer>+MedPromptCLIP").
+    ``PROMPT_SHAPE_KEYS``
+        (node, context-size key, depth key or None) under TRAINER where the trainer keeps its text
+        context size and depth, for trainers that can start from MedPromptCLIP prompts
+        (``TRAINER.<node>.INIT_FROM``); None = it cannot.
+    ``NEEDS_DESCRIPTIONS``
+        True if a run reads ``llm_descriptions/<dataset>.json`` (the sweep's preflight checks it).
     """
 
     cfg_key = ""
+    LABEL = ""
+    RECIPES = {}
+    RECIPES_BY_SHOTS = {}
+    DEMO_RECIPES = {}
+    DEFAULT_IN = ()
+    PROMPT_SHAPE_KEYS = None
+    NEEDS_DESCRIPTIONS = False
+
+    def method_label(self):
+        return self.LABEL or self.cfg.TRAINER.NAME
 
     @property
     def tcfg(self):

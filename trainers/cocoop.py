@@ -38,6 +38,7 @@ class CoCoOpLearner(nn.Module):
 @TRAINER_REGISTRY.register()
 class CoCoOp(ImagePromptTrainer):
     cfg_key = "COCOOP"
+    RECIPES = {"base2new": "vit_b16_c4_ep10_batch1_ctxv1", "fewshot": "vit_b16_c4_ep10_batch1_ctxv1"}
 
     def build_learner(self):
         text = self.build_text_prompts(self.tcfg.N_CTX, n_ctx_from_words=True)

@@ -26,6 +26,11 @@ def extend_cfg(cfg):
 @TRAINER_REGISTRY.register()
 class CoOp(ImagePromptTrainer):
     cfg_key = "COOP"
+    RECIPES = {"base2new": "vit_b16_ep50_ctxv1", "fewshot": "vit_b16", "stacked": "stacked"}
+    # CoOp's paper: 50 epochs for 1 shot, 100 for 2 and 4 shots (vit_b16's 200 for 8 and 16).
+    RECIPES_BY_SHOTS = {"fewshot": {1: "vit_b16_ep50", 2: "vit_b16_ep100", 4: "vit_b16_ep100"}}
+    DEFAULT_IN = ("base2new", "fewshot")
+    PROMPT_SHAPE_KEYS = ("COOP", "N_CTX", None)
     uses_frozen_image_features = True
 
     def build_learner(self):

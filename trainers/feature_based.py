@@ -66,7 +66,10 @@ class FeatureTrainer(CLIPTrainer):
     checkpoints) in ``build_head``, fit it in ``fit`` and give logits of features in ``logits``.
     """
 
-    kind = "image-trained"
+    KIND = "feature-based"
+    # Few-shot only: a model of the training classes' features cannot classify unseen classes.
+    RECIPES = {"fewshot": "fewshot"}
+    DEMO_RECIPES = {"fewshot": "demo"}
     uses_frozen_image_features = True
     model_name = "head"
 

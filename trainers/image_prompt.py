@@ -42,11 +42,12 @@ def find_prompt_checkpoint(run_dir):
 class ImagePromptTrainer(CLIPTrainer):
     """Cross-entropy training of a prompt learner on labelled images."""
 
-    kind = "image-trained"
+    KIND = "image-trained"
 
     def method_label(self):
         # Stacked runs are a method of their own in tables.
-        return f"{self.cfg.TRAINER.NAME}+MedPromptCLIP" if self.tcfg.INIT_FROM else self.cfg.TRAINER.NAME
+        label = super().method_label()
+        return f"{label}+MedPromptCLIP" if self.tcfg.INIT_FROM else label
 
     def build_learner(self):
         """The nn.Module holding every learnable tensor of the method."""

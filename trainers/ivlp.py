@@ -40,6 +40,12 @@ class IVLPLearner(nn.Module):
 @TRAINER_REGISTRY.register()
 class IVLP(ImagePromptTrainer):
     cfg_key = "IVLP"
+    RECIPES = {"base2new": "vit_b16_c2_ep5_batch4_2+2ctx", "fewshot": "vit_b16_c2_ep5_batch4_2+2ctx",
+               "stacked": "medpromptclip_fewshot"}
+    DEMO_RECIPES = {"stacked": "demo_stacked", "default": "demo"}
+    # The paper's few-shot rows: IVLP started from MedPromptCLIP prompts.
+    DEFAULT_IN = ("stacked",)
+    PROMPT_SHAPE_KEYS = ("IVLP", "N_CTX_TEXT", "PROMPT_DEPTH_TEXT")
 
     def build_learner(self):
         t = self.tcfg

@@ -48,6 +48,9 @@ class MaPLeLearner(nn.Module):
 @TRAINER_REGISTRY.register()
 class MaPLe(ImagePromptTrainer):
     cfg_key = "MAPLE"
+    RECIPES = {"base2new": "vit_b16_c2_ep5_batch4_2ctx", "fewshot": "vit_b16_c2_ep5_batch4_2ctx", "stacked": "stacked"}
+    DEFAULT_IN = ("base2new", "fewshot")
+    PROMPT_SHAPE_KEYS = ("MAPLE", "N_CTX", "PROMPT_DEPTH")
 
     def build_learner(self):
         t = self.tcfg

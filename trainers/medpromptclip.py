@@ -90,7 +90,13 @@ class TextPairLoader:
 @TRAINER_REGISTRY.register()
 class MedPromptCLIP(CLIPTrainer):
     cfg_key = "MEDPROMPTCLIP"
-    kind = "text-only"
+    KIND = "text-only"
+    RECIPES = {"base2new": "base2new", "fewshot": "specific_modal", "crossmodal": "multi_modal"}
+    # The demo's few text pairs need a longer schedule than the paper's recipes.
+    DEMO_RECIPES = {"default": "demo"}
+    DEFAULT_IN = ("base2new", "fewshot", "crossmodal")
+    PROMPT_SHAPE_KEYS = ("MEDPROMPTCLIP", "N_CTX", "PROMPT_DEPTH_TEXT")
+    NEEDS_DESCRIPTIONS = True
     uses_frozen_image_features = True
 
     def check_cfg(self, cfg):

@@ -2,9 +2,11 @@
 
 The paper's MedPromptCLIP recipes are per dataset: one file holds a row per dataset
 (``_PER_DATASET_``, applied by core.config.merge_from_file), so the file chosen here depends
-only on the trainer, the protocol and, for CoOp's few-shot schedule, the number of shots.
-The synthetic demo uses demo recipes where a trainer has them (``demo_<protocol>.yaml``, else
-``demo.yaml``): the paper's schedules are sized for real data and would not suit its few samples.
+only on the trainer, the protocol and, for shot-dependent schedules, the number of shots.
+Each trainer declares its recipes on its class (``RECIPES``, ``RECIPES_BY_SHOTS``,
+``DEMO_RECIPES``, ``PROMPT_SHAPE_KEYS``: see trainers/base.py); nothing here names a trainer.
+The synthetic demo uses the trainer's demo recipes where it has them: the paper's schedules
+are sized for real data and would not suit its few samples.
 """
 from __future__ import annotations
 
@@ -13,36 +15,37 @@ import os
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE_DIR = os.path.join(PROJECT_DIR, "configs", "trainers")
 DEMO_DATASET = "demo"
-
-# Recipe per trainer and protocol; protocols: base2new, fewshot, stacked (started from a
-# MedPromptCLIP run), crossmodal. A trainer missing from a protocol uses the protocol's name.
-RECIPES = {
-    "MedPromptCLIP": {"base2new": "base2new", "fewshot": "specific_modal", "crossmodal": "multi_modal"},
-    "ZeroShotCLIP": {"base2new": "template", "fewshot": "template", "crossmodal": "template"},
-    "CoOp": {"base2new": "vit_b16_ep50_ctxv1", "fewshot": "vit_b16"},
-    "CoCoOp": {"base2new": "vit_b16_c4_ep10_batch1_ctxv1", "fewshot": "vit_b16_c4_ep10_batch1_ctxv1"},
-    "IVLP": {"base2new": "vit_b16_c2_ep5_batch4_2+2ctx", "fewshot": "vit_b16_c2_ep5_batch4_2+2ctx",
-             "stacked": "medpromptclip_fewshot"},
-    "MaPLe": {"base2new": "vit_b16_c2_ep5_batch4_2ctx", "fewshot": "vit_b16_c2_ep5_batch4_2ctx"},
-}
-
-# CoOp's few-shot schedule depends on the shots (CoOp's paper): 50 epochs for 1 shot, 100 for 2-4.
-COOP_FEWSHOT_BY_SHOTS = {1: "vit_b16_ep50", 2: "vit_b16_ep100", 4: "vit_b16_ep100"}
+PROTOCOLS = ("base2new", "fewshot", "crossmodal", "zeroshot", "stacked")
 
 
 def recipe_path(trainer, name):
     return os.path.join(RECIPE_DIR, trainer, f"{name}.yaml")
 
 
+def supports(trainer, protocol):
+    """Whether ``trainer`` declares a recipe for ``protocol``."""
+    from trainers import trainer_class
+
+    return protocol in trainer_class(trainer).RECIPES
+
+
 def recipe_file(trainer, protocol, dataset, shots=None):
-    """Path of the recipe ``trainer`` runs with under ``protocol`` on ``dataset``."""
+    """Path of the recipe ``trainer`` runs with under ``protocol`` on ``dataset``.
+
+    ``protocol`` may also be a recipe name (ZeroShotCLIP's prompt modes): names that are not one of
+    the trainer's protocols are taken as they are.
+    """
+    from trainers import trainer_class
+
+    cls = trainer_class(trainer)
     if dataset == DEMO_DATASET:
-        for name in (f"demo_{protocol}", "demo"):
-            if os.path.isfile(recipe_path(trainer, name)):
-                return recipe_path(trainer, name)
-    if trainer == "CoOp" and protocol == "fewshot" and shots in COOP_FEWSHOT_BY_SHOTS:
-        return recipe_path(trainer, COOP_FEWSHOT_BY_SHOTS[shots])
-    return recipe_path(trainer, RECIPES.get(trainer, {}).get(protocol, protocol))
+        name = cls.DEMO_RECIPES.get(protocol, cls.DEMO_RECIPES.get("default"))
+        if name:
+            return recipe_path(trainer, name)
+    by_shots = cls.RECIPES_BY_SHOTS.get(protocol, {})
+    if shots in by_shots:
+        return recipe_path(trainer, by_shots[shots])
+    return recipe_path(trainer, cls.RECIPES.get(protocol, protocol))
 
 
 def resolve(trainer, config_file, dataset_config_file, opts=()):
@@ -60,21 +63,13 @@ def resolve(trainer, config_file, dataset_config_file, opts=()):
     return cfg
 
 
-# Where each trainer that can start from MedPromptCLIP prompts keeps its text context size and depth
-# (None: the trainer takes only the input context).
-TEXT_PROMPT_KEYS = {
-    "MedPromptCLIP": ("MEDPROMPTCLIP", "N_CTX", "PROMPT_DEPTH_TEXT"),
-    "CoOp": ("COOP", "N_CTX", None),
-    "IVLP": ("IVLP", "N_CTX_TEXT", "PROMPT_DEPTH_TEXT"),
-    "MaPLe": ("MAPLE", "N_CTX", "PROMPT_DEPTH"),
-}
-
-
 def source_overrides(source_cfg, trainer, target_cfg):
     """KEY VALUE overrides that give a MedPromptCLIP run (config ``source_cfg``) the text prompt shape
     of ``trainer``'s config ``target_cfg``, so its prompts load with --init-from; [] when they already fit.
     The context then starts from the modality template's words, as in the paper's few-shot setting."""
-    node, n_key, depth_key = TEXT_PROMPT_KEYS[trainer]
+    from trainers import trainer_class
+
+    node, n_key, depth_key = trainer_class(trainer).PROMPT_SHAPE_KEYS
     n_ctx = target_cfg.TRAINER[node][n_key]
     depth = target_cfg.TRAINER[node][depth_key] if depth_key else None
     source = source_cfg.TRAINER.MEDPROMPTCLIP

@@ -42,7 +42,9 @@ def mean_features(feats, groups):
 @TRAINER_REGISTRY.register()
 class ZeroShotCLIP(CLIPTrainer):
     cfg_key = "ZEROSHOTCLIP"
-    kind = "zero-shot"
+    KIND = "zero-shot"
+    RECIPES = {"base2new": "template", "fewshot": "template", "crossmodal": "template", "zeroshot": "template"}
+    DEFAULT_IN = ("base2new", "fewshot", "crossmodal", "zeroshot")
     uses_frozen_image_features = True
 
     def method_label(self):
