@@ -215,7 +215,7 @@ def base2new_tables(rows, averages, records, context, tablefmt="simple"):
 
 def shots_of(record):
     """Images per class the method saw: 0 for zero-shot and text-only methods."""
-    return max(record.get("num_shots") or 0, 0) if record["kind"] == "image-trained" else 0
+    return max(record.get("num_shots") or 0, 0) if record["kind"] in ("image-trained", "feature-based") else 0
 
 
 def fewshot_summary(records, expected):
