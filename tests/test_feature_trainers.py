@@ -107,3 +107,60 @@ def test_tip_adapter_search_beats_or_matches_its_initial_values(demo_root, tmp_p
     assert search["val_accuracy"] >= search["val_accuracy_initial"]
     grid = fm.search_grid(50, 20)
     assert min(abs(search["beta"] - g) for g in grid) < 1e-9 and min(abs(search["alpha"] - g) for g in grid) < 1e-9
+
+
+def test_the_five_are_registered_as_feature_based_few_shot_methods():
+    from core.engine import TRAINER_REGISTRY
+    from conftest import PROJECT_DIR
+
+    for name in FAST:
+        cls = TRAINER_REGISTRY.get(name)
+        assert cls.KIND == "feature-based" and set(cls.RECIPES) == {"fewshot"}
+        for recipe_name in ("fewshot", "demo"):
+            assert os.path.isfile(os.path.join(PROJECT_DIR, "configs", "trainers", name, f"{recipe_name}.yaml"))
+
+
+def sweep_env(monkeypatch, demo_root, output, opts):
+    monkeypatch.setenv("METHODS", " ".join(sorted(FAST)))
+    monkeypatch.setenv("SEEDS", "1")
+    monkeypatch.setenv("SHOTS", "1")
+    monkeypatch.setenv("BACKBONE", "tiny-clip")
+    monkeypatch.setenv("DATA", demo_root)
+    monkeypatch.setenv("OUTPUT", output)
+    monkeypatch.setenv("OPTS", " ".join(opts + ["DEVICE", "cpu"]))
+
+
+def test_fewshot_sweep_shows_the_five_and_a_second_sweep_encodes_no_image(demo_root, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from conftest import PROJECT_DIR
+
+    sys.path.insert(0, os.path.join(PROJECT_DIR, "scripts"))
+    import sweep
+
+    opts = ["OPTIM.MAX_EPOCH", "2", "TRAINER.TIPADAPTER.SEARCH_STEP", "[20,20]", "TRAINER.TIPADAPTERF.SEARCH_STEP",
+            "[20,20]", "TRAINER.LP.SEARCH_STEPS", "2", "TRAINER.LPPP.ITERATIONS", "20"]
+    first = str(tmp_path / "first")
+    sweep_env(monkeypatch, demo_root, first, opts)
+    assert sweep.main(["fewshot", "demo"]) == 0
+    table = capsys.readouterr().out
+    for name in FAST:
+        assert f"\n{name} " in table, name
+
+    second = str(tmp_path / "second")
+    sweep_env(monkeypatch, demo_root, second, opts + ["TEST.FEATURE_CACHE", os.path.join(first, "feature_cache")])
+    assert sweep.main(["fewshot", "demo"]) == 0
+    assert capsys.readouterr().out.count("done ") == len(FAST)  # run again in the new folder, not reused
+    found = 0
+    for folder, _, files in os.walk(second):
+        if "results.json" in files:
+            found += 1
+            assert read_results(folder)["images_encoded"] == 0, folder
+            with open(os.path.join(folder, "log.txt")) as f:
+                assert "images encoded this run: 0;" in f.read()
+    assert found == len(FAST) and not os.path.exists(os.path.join(second, "feature_cache"))
+
+    # A base-to-new sweep refuses them in one line.
+    assert sweep.main(["base2new", "demo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no base2new recipe" in err[0]
