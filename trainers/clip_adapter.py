@@ -27,6 +27,7 @@ def extend_cfg(cfg):
 class CLIPAdapterTrainer(FeatureTrainer):
     cfg_key = "CLIPADAPTER"
     model_name = "adapter"
+    trains_epochs = True
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)

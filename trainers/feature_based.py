@@ -190,6 +190,15 @@ class FeatureTrainer(CLIPTrainer):
             self.images_encoded[split], self.images_from_cache[split] = encoded, len(out[0]) - encoded
         return out
 
+    # Whether OPTIM.MAX_EPOCH is the method's schedule (CLIP-Adapter, Tip-Adapter-F); the others record none.
+    trains_epochs = False
+
+    def run_record(self, *args, **kwargs):
+        record = super().run_record(*args, **kwargs)
+        if not self.trains_epochs:
+            record["epochs"] = None
+        return record
+
     # ---------------------------------------------------------------- evaluation
     def test(self, split=None):
         results = super().test(split)

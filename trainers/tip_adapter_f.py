@@ -23,6 +23,7 @@ def extend_cfg(cfg):
 @TRAINER_REGISTRY.register(name="Tip-Adapter-F")
 class TipAdapterF(TipAdapterBase):
     cfg_key = "TIPADAPTERF"
+    trains_epochs = True
 
     def views_needed(self):
         return max(self.tcfg.AUGMENT_VIEWS, self.cfg.OPTIM.MAX_EPOCH, 1)
