@@ -13,7 +13,7 @@ FAST = {
     "CLIP-Adapter": ["OPTIM.MAX_EPOCH", "2"],
     "Tip-Adapter": ["TRAINER.TIPADAPTER.SEARCH_STEP", "[20, 20]"],
     "Tip-Adapter-F": ["OPTIM.MAX_EPOCH", "2", "TRAINER.TIPADAPTERF.SEARCH_STEP", "[20, 20]"],
-    "LP": ["TRAINER.LP.SEARCH_STEPS", "2"],
+    "LP": ["TRAINER.LP.C_GRID", "[1.0,0.01]", "TRAINER.LP.SEARCH_STEPS", "1"],
     "LP++": ["TRAINER.LPPP.ITERATIONS", "20"],
 }
 
@@ -57,14 +57,14 @@ def test_views_are_keyed_by_augmentation_and_count_and_equal_without_the_cache(d
     cache = str(tmp_path / "cache")
 
     def train_views(out, *extra, seed=1):
-        code, err = run("LP", demo_root, str(tmp_path / out), cache, *extra, capsys=capsys, seed=seed)
+        code, err = run("Tip-Adapter", demo_root, str(tmp_path / out), cache, *extra, capsys=capsys, seed=seed)
         assert code == 0, err
         return read_results(str(tmp_path / out))
 
     base = train_views("base")
     assert base["feature_cache"]["train_views"]["images"] == "miss"
     train_views("seed2", seed=2)  # another sample of the same split: its rows join the same entry
-    for out, extra in (("views2", ["TRAINER.LP.AUGMENT_VIEWS", "2"]), ("scale", ["INPUT.RRCROP_SCALE", "(0.3, 1.0)"])):
+    for out, extra in (("views2", ["TRAINER.TIPADAPTER.AUGMENT_VIEWS", "2"]), ("scale", ["INPUT.RRCROP_SCALE", "(0.3, 1.0)"])):
         info = train_views(out, *extra)["feature_cache"]["train_views"]
         assert info["images"] == "miss", out
     # Without any cache the views are drawn the same way: the same features, the same result.
@@ -139,7 +139,7 @@ def test_fewshot_sweep_shows_the_five_and_a_second_sweep_encodes_no_image(demo_r
     import sweep
 
     opts = ["OPTIM.MAX_EPOCH", "2", "TRAINER.TIPADAPTER.SEARCH_STEP", "[20,20]", "TRAINER.TIPADAPTERF.SEARCH_STEP",
-            "[20,20]", "TRAINER.LP.SEARCH_STEPS", "2", "TRAINER.LPPP.ITERATIONS", "20"]
+            "[20,20]", "TRAINER.LP.C_GRID", "[1.0,0.01]", "TRAINER.LP.SEARCH_STEPS", "1", "TRAINER.LPPP.ITERATIONS", "20"]
     first = str(tmp_path / "first")
     sweep_env(monkeypatch, demo_root, first, opts)
     assert sweep.main(["fewshot", "demo"]) == 0
