@@ -16,7 +16,8 @@ from core.errors import UserError
 
 from .catalog import CATALOG, GROUPS
 from .declared import scan
-from .split_files import SPLIT_FILE, image_folder, image_presence, load_split_file, locate_split, shipped_split
+from .split_files import (SPLIT_FILE, image_folder, image_presence, load_split_file, locate_split, missing_split_message,
+                          shipped_split)
 
 
 def status_of(root, entry):
@@ -24,6 +25,8 @@ def status_of(root, entry):
     path, kind = locate_split(root, entry)
     if entry.generated:
         return "drawn on first use", "-", None
+    if path is None and entry.split_hint:
+        return "no split: the published one is not shipped (see below)", "-", None
     if path is None:
         return f"no split: make_split after sorting images into {os.path.join(image_folder(root, entry), '<class>', '')}", "-", None
     try:
@@ -51,13 +54,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     declared, problems = scan(args.root)
     entries = list(CATALOG.values()) + declared
-    rows, missing = [], []
+    rows, missing, unshipped = [], [], []
     for entry in entries:
         if args.root:
             status, images, first_missing = status_of(args.root, entry)
             rows.append([entry.name, entry.modality, entry.num_classes, status, images, image_folder(args.root, entry)])
             if first_missing:
                 missing.append(f"  {entry.name}: {first_missing}")
+            if status.startswith("no split: the published"):
+                unshipped.append("  " + missing_split_message(args.root, entry, f"--dataset {entry.name}"))
         else:
             split = "shipped" if shipped_split(entry.name) and not entry.generated else "-"
             rows.append([entry.name, entry.modality, entry.num_classes, split,
@@ -70,6 +75,9 @@ def main(argv=None):
     if missing:
         print("\nfirst missing image per dataset:")
         print("\n".join(missing))
+    if unshipped:
+        print("\nsplits to fetch:")
+        print("\n".join(unshipped))
     print()
     print("groups: " + "; ".join(f"{g} ({len(names)})" for g, names in GROUPS.items()))
     if not args.root:

@@ -26,6 +26,7 @@ MODALITY_TEMPLATES = {
     "mri": "a MRI image of {}.",
     "ultrasound": "a ultrasound image of {}.",
     "endoscopy": "an Endoscopy image of {}.",
+    "dermoscopy": "a dermoscopy image of {}.",
     "synthetic": "a synthetic medical image of {}.",
 }
 
@@ -43,6 +44,7 @@ MODALITY_NAMES = {
     "mri": "magnetic resonance imaging (MRI) scans",
     "ultrasound": "ultrasound images",
     "endoscopy": "endoscopy images",
+    "dermoscopy": "dermoscopy images of skin lesions",
     "synthetic": "synthetic medical images",
 }
 
@@ -63,6 +65,14 @@ class CatalogEntry:
     descriptions: str = ""
     # The file that declared the dataset; empty for catalog rows.
     declared_in: str = ""
+    # Name of the dataset folder's own split file; empty = data_split.json.
+    split_file: str = ""
+    # Where the published split comes from when none is shipped (said when it is missing).
+    split_hint: str = ""
+    # The benchmark suite the row belongs to ("" = this project's benchmarks) and the backbone the
+    # sweeps use for it when BACKBONE is not set ("" = the project's default).
+    suite: str = ""
+    backbone: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -182,7 +192,58 @@ DEMO = CatalogEntry(
     generated=True,
 )
 
-CATALOG = {entry.name: entry for entry in BENCHMARKS + [DEMO]}
+# BiomedCoOp's benchmark (CVPR 2025; github.com/HealthX-Lab/BiomedCoOp): 11 datasets with their published
+# splits and its layout, <root>/<folder>/<folder>/<class folder>/<image> with the split file
+# <root>/<folder>/split_<folder>.json, so a copy of its data folder is used as it is. Class names
+# in the split's label order (not alphabetical); every prompt is "a photo of a {class}.", as
+# there. The names are the original's, except COVID_19_BiomedCoOp (folder COVID_19), since the
+# name COVID_19 is this project's 4-class X-ray benchmark with another split and class names.
+BIOMEDCOOP_BACKBONE = "biomedclip"
+
+
+def _suite_row(name, modality, classnames, folder="", split_hint=""):
+    folder = folder or name
+    return CatalogEntry(name=name, modality=modality, classnames=tuple(classnames), dataset_dir=folder,
+                        image_subdir=folder, template="a photo of a {}.", split_file=f"split_{folder}.json",
+                        split_hint=split_hint, suite="biomedcoop", backbone=BIOMEDCOOP_BACKBONE)
+
+
+BIOMEDCOOP = [
+    _suite_row("BTMRI", "mri", ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]),
+    _suite_row("BUSI", "ultrasound", ["benign tumor", "malignant tumor", "normal scan"]),
+    _suite_row("CHMNIST", "pathology", [
+        "adipose tissue", "complex stroma", "debris", "empty background", "immune cells",
+        "normal mucosal glands", "simple stroma", "tumour epithelium",
+    ]),
+    _suite_row("COVID_19_BiomedCoOp", "xray",
+               ["covid lungs", "lung opacity lungs", "viral pneumonia lungs", "normal lungs"], folder="COVID_19"),
+    _suite_row("CTKidney", "ct", ["cyst kidney", "kidney stone", "kidney tumor", "normal kidney"]),
+    _suite_row("DermaMNIST", "dermoscopy", [
+        "actinic keratosis", "basal cell carcinoma", "benign keratosis", "dermatofibroma", "melanoma",
+        "melanocytic nevus", "vascular lesion",
+    ]),
+    _suite_row("KneeXray", "xray", [
+        "healthy knee", "doubtful osteoarthritis", "minimal osteoarthritis", "moderate osteoarthritis",
+        "severe osteoarthritis",
+    ]),
+    _suite_row("Kvasir", "endoscopy", [
+        "dyed lifted polyps", "dyed resection margins", "esophagitis", "normal cecum", "normal pylorus",
+        "normal z line", "polyps", "ulcerative colitis",
+    ]),
+    _suite_row("LungColon", "pathology", [
+        "colon adenocarcinoma", "colon benign tissue", "lung adenocarcinoma", "lung benign tissue",
+        "lung squamous cell carcinoma",
+    ]),
+    # Its published split (MedMNIST's: 97477 / 10832 / 1000) is not in the original repository's
+    # snapshot, so none is shipped; the label order is MedMNIST's.
+    _suite_row("OCTMNIST", "oct", ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal OCT scan"],
+               split_hint="copy the published split file split_OCTMNIST.json (in OCTMNIST.zip of "
+                          "huggingface.co/datasets/TahaKoleilat/BiomedCoOp, or data/OCTMNIST/ of "
+                          "github.com/HealthX-Lab/BiomedCoOp) to {path}"),
+    _suite_row("RETINA", "fundus", ["diabetic retinopathy", "glaucoma", "cataract", "normal retina"]),
+]
+
+CATALOG = {entry.name: entry for entry in BENCHMARKS + BIOMEDCOOP + [DEMO]}
 
 
 def _group(*modalities):
@@ -193,6 +254,8 @@ def _group(*modalities):
 GROUPS = {m: _group(m) for m in sorted({e.modality for e in BENCHMARKS}) if m != "multi_eye"}
 GROUPS["eye"] = _group(*EYE_MODALITIES)
 GROUPS["all"] = tuple(e.name for e in BENCHMARKS)
+# A suite is a group of its own (not part of "all" or the modality groups).
+GROUPS["biomedcoop"] = tuple(e.name for e in BIOMEDCOOP)
 
 
 def normalize_classname(name):
@@ -224,6 +287,13 @@ def get_entry(name):
     if name in DECLARED:
         return DECLARED[name]
     raise KeyError(f"unknown dataset '{name}'; known datasets: {', '.join(known_names())}; {_HOW_TO_DECLARE}")
+
+
+def default_backbone(names, fallback):
+    """The backbone the sweeps use for these datasets when BACKBONE is not set: the one their rows
+    name when they all name the same, else ``fallback``."""
+    named = {CATALOG[n].backbone if n in CATALOG else "" for n in names}
+    return named.pop() if len(named) == 1 and "" not in named else fallback
 
 
 def resolve_target(target):

@@ -30,7 +30,7 @@ from core.errors import UserError
 from core.utils import atomic_open
 
 from .catalog import CATALOG, MODALITY_TEMPLATES, get_entry, normalize_classname
-from .split_files import IMAGE_EXTENSIONS, SPLIT_FILE, dataset_folder, image_folder
+from .split_files import IMAGE_EXTENSIONS, SPLIT_FILE, dataset_folder, image_folder, own_split_path
 # The paper's split: 70% train, then the held-out 30% halved into val and test.
 PAPER_RATIOS = (0.7, 0.15, 0.15)
 PAPER_SEED = 42
@@ -119,7 +119,7 @@ def make_split(root, dataset, ratios=PAPER_RATIOS, seed=PAPER_SEED, overwrite=Fa
     check_ratios(ratios)
     entry = get_entry(dataset)
     image_dir = image_folder(root, entry)
-    out = os.path.join(dataset_folder(root, entry), SPLIT_FILE)
+    out = own_split_path(root, entry)
     if os.path.exists(out) and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     label_by_key = {normalize_classname(c): i for i, c in enumerate(entry.classnames)}

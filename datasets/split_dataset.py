@@ -19,7 +19,8 @@ from core.utils import logger
 from .catalog import CATALOG, normalize_classname
 from .declared import entry_for_cfg
 from .demo import generate_demo
-from .split_files import SPLIT_FILE, dataset_folder, image_folder, is_image, load_split_file, locate_split  # noqa: F401
+from .split_files import (SPLIT_FILE, dataset_folder, image_folder, is_image, load_split_file, locate_split,  # noqa: F401
+                          missing_split_message)
 
 
 def read_split_rows(split_path, entry, split=None):
@@ -86,10 +87,7 @@ class SplitDataset(DatasetBase):
         split_path, kind = locate_split(root, entry)
         if split_path is None:
             option = f"--dataset {entry.name}" if entry.name in CATALOG else f"--folder {entry.dataset_dir}"
-            raise UserError(
-                f"no split for {entry.name}: put its images in one folder per class, "
-                f"{os.path.join(image_dir, '<class>', '')}, and run python -m datasets.make_split --root {root} {option}"
-            )
+            raise UserError(missing_split_message(root, entry, option))
         split, split_digest = load_split_file(split_path)
         rows = read_split_rows(split_path, entry, split)
         check_rows_inside(split_path, image_dir, rows)
@@ -127,7 +125,10 @@ class SplitDataset(DatasetBase):
         if num_shots >= 1:
             self.warn_short_classes(train, num_shots, cfg.DATASET.SUBSAMPLE_CLASSES)
             seed = cfg.SEED if cfg.SEED >= 0 else 1
-            cache = os.path.join(folder, FEWSHOT_DIR, f"shot_{num_shots}-seed_{seed}.json")
+            # One draw per shots and seed, shared by the few-shot and base-to-new runs. Datasets sharing a
+            # folder (COVID_19 and COVID_19_BiomedCoOp) keep their draws apart.
+            fewshot_dir = os.path.join(folder, FEWSHOT_DIR, *([entry.name] if entry.name != entry.dataset_dir else []))
+            cache = os.path.join(fewshot_dir, f"shot_{num_shots}-seed_{seed}.json")
             train, val = load_or_sample_fewshot(self, cache, train, val, num_shots, seed, split_digest, image_dir=image_dir)
 
         subsample = cfg.DATASET.SUBSAMPLE_CLASSES

@@ -28,6 +28,21 @@ def image_folder(root, entry):
     return os.path.join(folder, entry.image_subdir) if entry.image_subdir else folder
 
 
+def own_split_path(root, entry):
+    """Where the dataset folder's own split file is (data_split.json unless the row names another)."""
+    return os.path.join(dataset_folder(root, entry), entry.split_file or SPLIT_FILE)
+
+
+def missing_split_message(root, entry, option):
+    """What to do when a dataset has no split: fetch the published one (if its row says where) or make one."""
+    make = (f"sort its images into {os.path.join(image_folder(root, entry), '<class>', '')} and run "
+            f"python -m datasets.make_split --root {root} {option}")
+    if entry.split_hint:
+        return (f"no split for {entry.name}: {entry.split_hint.format(path=own_split_path(root, entry))}; "
+                f"or {make} (a split of its own, not the published one)")
+    return f"no split for {entry.name}: {make}"
+
+
 def shipped_split(name):
     """Path of the shipped split of dataset ``name``, or None."""
     path = os.path.join(SHIPPED_DIR, f"{name}.json.gz")
@@ -36,7 +51,7 @@ def shipped_split(name):
 
 def locate_split(root, entry):
     """(path, kind) of the split a run reads: kind "own" or "shipped"; (None, None) if there is none."""
-    own = os.path.join(dataset_folder(root, entry), SPLIT_FILE)
+    own = own_split_path(root, entry)
     if os.path.isfile(own):
         return own, "own"
     shipped = shipped_split(entry.name)

@@ -369,6 +369,105 @@ def sweep_context(records, manifest):
     return f"backbone {', '.join(backbones) or '?'}, seeds {' '.join(str(s) for s in seeds)}"
 
 
+# ---------------------------------------------------------------------------- published reference rows
+
+PUBLISHED_DIR = os.path.join(PROJECT_DIR, "configs", "published")
+
+
+def exact(value):
+    """A published number as published (two decimals)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
+def published_suites(protocol):
+    """The published tables (configs/published/<suite>.json) that have a ``protocol`` table."""
+    suites = []
+    for name in sorted(os.listdir(PUBLISHED_DIR)) if os.path.isdir(PUBLISHED_DIR) else ():
+        if name.endswith(".json"):
+            with open(os.path.join(PUBLISHED_DIR, name), encoding="utf-8") as f:
+                suite = json.load(f)
+            if protocol in suite:
+                suites.append(suite)
+    return suites
+
+
+def literature(protocol, rows, tablefmt="simple"):
+    """Measured averages beside a suite's published ones, when every measured dataset is one of the suite's.
+
+    Measured averages are over the suite's datasets that were run (a cell says k/n when fewer than the
+    n the published average covers); a row is matched to a published one by its method label.
+    Returns (text, data), or ("", None) when no published suite covers the measured datasets.
+    """
+    measured = {r["dataset"] for r in rows if r["dataset"] != "average"}
+    for suite in published_suites(protocol):
+        table_def = suite[protocol]
+        datasets = table_def["datasets"]
+        if not measured or not measured <= set(datasets):
+            continue
+        n = len(datasets)
+        kinds = {m: row["kind"] for m, row in table_def["rows"].items()}
+        kinds.update({r["method"]: r["kind"] for r in rows})
+        methods = method_order(set(kinds), kinds)
+        table, data = [], []
+        if protocol == "fewshot":
+            shots = sorted({int(k) for row in table_def["rows"].values() for k in row if k.isdigit()}
+                           | {r["shots"] for r in rows if r["shots"] > 0})
+            for method in methods:
+                published = table_def["rows"].get(method)
+                if published:
+                    table.append([method, "published", *[exact(published.get(str(k))) for k in shots]])
+                    data.append({"method": method, "source": "published", **{str(k): published.get(str(k)) for k in shots}})
+                cells = defaultdict(list)
+                for r in rows:
+                    if r["method"] == method and r["dataset"] in datasets and r["accuracy"] is not None:
+                        cells[r["shots"]].append(r["accuracy"])
+                if not cells:
+                    continue
+                zero = 0 in cells
+                values = {k: cells[0] if zero else cells.get(k, []) for k in shots}
+                label = method + (" (0-shot)" if zero else "")
+                table.append([label, "measured here", *[
+                    "-" if not v else fmt(sum(v) / len(v)) + ("" if len(v) == n else f" ({len(v)}/{n})")
+                    for v in values.values()]])
+                data.append({"method": method, "source": "measured", **{
+                    str(k): (sum(v) / len(v) if v else None) for k, v in values.items()},
+                    "datasets": max(len(v) for v in values.values())})
+            headers = ["method", "rows", *[f"{k} shots" for k in shots]]
+        else:
+            for method in methods:
+                published = table_def["rows"].get(method)
+                if published:
+                    table.append([method, "published", exact(published["base"]), exact(published["new"]),
+                                  exact(harmonic_mean(published["base"], published["new"])), "-", exact(published.get("hm")), n])
+                    data.append({"method": method, "source": "published", **published})
+                items = [r for r in rows if r["method"] == method and r["dataset"] in datasets]
+                if not items:
+                    continue
+                b = mean_std([i["base"] for i in items])[0]
+                nw = mean_std([i["new"] for i in items])[0]
+                h = mean_std([i["hm"] for i in items])[0]
+                count = f"{len(items)}/{n}" if len(items) < n else n
+                table.append([method, "measured here", fmt(b), fmt(nw), fmt(harmonic_mean(b, nw)), fmt(h), "-", count])
+                data.append({"method": method, "source": "measured", "base": b, "new": nw,
+                             "hm_of_averages": harmonic_mean(b, nw), "mean_of_hms": h, "datasets": len(items)})
+            headers = ["method", "rows", "base", "new", "HM(avg)", "mean HM", "reported HM", "datasets"]
+        note = suite.get("notes", {}).get(protocol)
+        text = (f"{suite['title']}, {'few-shot' if protocol == 'fewshot' else 'base-to-new'}: average over its {n} "
+                f"datasets; 'published' rows: {suite['source']}; 'measured here' rows: this sweep, averaged over the "
+                f"same datasets (k/{n}: only k of them measured)" + (f"; {note}" if note else "") + "\n"
+                + grid(table, headers, tablefmt))
+        return text, {"suite": suite["suite"], "datasets": datasets, "rows": data}
+    return "", None
+
+
+def with_literature(protocol, rows, text, markdown):
+    """The tables with the published comparison appended (when a suite covers the datasets), and its data."""
+    plain, data = literature(protocol, rows)
+    if not plain:
+        return text, markdown, None
+    return text + "\n\n" + plain, markdown + "\n\n" + literature(protocol, rows, "github")[0], data
+
+
 def report(protocol, root, quiet=False, manifest=None):
     """Build the protocol's tables from root, write summary files beside the runs, print the table.
 
@@ -388,10 +487,12 @@ def report(protocol, root, quiet=False, manifest=None):
         markdown = base2new_tables(rows, averages, records, context, "github")
         data = {"per_dataset": rows, "average": averages}
         _write_csv(os.path.join(root, "summary_average.csv"), averages)
+        text, markdown, data["published"] = with_literature(protocol, rows, text, markdown)
     elif protocol == "fewshot":
         rows = fewshot_summary(records, expected)
         text, markdown = fewshot_tables(rows, records, context), fewshot_tables(rows, records, context, "github")
         data = {"rows": rows}
+        text, markdown, data["published"] = with_literature(protocol, rows, text, markdown)
         fewshot_plot(rows, records, context, os.path.join(root, "fewshot.png"))
     elif protocol in ("crossmodal", "zeroshot"):
         rows = per_dataset_summary(records, expected)

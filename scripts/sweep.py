@@ -11,7 +11,7 @@ or a dataset declared in data (DATA/<name>/dataset.yaml, written by python -m da
 Settings come from environment variables (defaults in brackets):
   DATA      data root                                         [./data]
   OUTPUT    output root                                       [./output]
-  BACKBONE  MODEL.BACKBONE.NAME                               [demo-clip for demo, else pmc-clip]
+  BACKBONE  MODEL.BACKBONE.NAME     [demo-clip for demo, biomedclip for the biomedcoop suite, else pmc-clip]
   METHODS   methods for base2new and fewshot; "X+MedPromptCLIP" = X started from MedPromptCLIP
             prompts (fewshot)      [the trainers declaring the protocol in DEFAULT_IN: trainers/base.py]
   SEEDS     seeds                                             [1 2 3]
@@ -54,13 +54,25 @@ class Settings:
         self.target = target
         self.data = env.get("DATA", os.path.join(PROJECT_DIR, "data"))
         self.output = env.get("OUTPUT", os.path.join(PROJECT_DIR, "output"))
-        self.backbone = env.get("BACKBONE") or ("demo-clip" if target == "demo" else "pmc-clip")
+        self.backbone = env.get("BACKBONE") or default_backbone_for(target)
         self.methods = env.get("METHODS", "").split()
         self.seeds = [int(s) for s in env.get("SEEDS", "1 2 3").split()]
         self.shots = [int(s) for s in env.get("SHOTS", "1 2 4 8 16").split()]
         self.base2new_shots = int(env.get("SHOTS", "16").split()[-1])
         self.opts = env.get("OPTS", "").split()
         self.launcher = env.get("LAUNCHER", "local")
+
+
+def default_backbone_for(target):
+    """demo-clip for the demo, the backbone a suite's rows name (biomedclip for biomedcoop), else pmc-clip."""
+    from datasets.catalog import default_backbone
+
+    if target == "demo":
+        return "demo-clip"
+    try:
+        return default_backbone(datasets_of(target), "pmc-clip")
+    except UserError:
+        return "pmc-clip"  # an unknown target is reported where the datasets are read
 
 
 def datasets_of(target):
@@ -75,7 +87,7 @@ def datasets_of(target):
 def preflight(settings, names):
     """Stop before training anything if a dataset folder or the backbone's weights are missing."""
     from datasets.catalog import get_entry
-    from datasets.split_files import image_folder, image_presence, load_split_file, locate_split
+    from datasets.split_files import image_folder, image_presence, load_split_file, locate_split, missing_split_message
     from clipkit.backbones import check_backbone
     from clipkit.descriptions import descriptions_path
 
@@ -88,10 +100,7 @@ def preflight(settings, names):
             continue
         if split_path is None:
             option = f"--folder {name}" if entry.declared_in else f"--dataset {name}"
-            problems.append(
-                f"dataset {name}: no split; sort its images into {os.path.join(images, '<class>', '')} and run "
-                f"python -m datasets.make_split --root {settings.data} {option}"
-            )
+            problems.append(f"dataset {name}: " + missing_split_message(settings.data, entry, option))
             continue
         found, listed, first_missing = image_presence(settings.data, entry, load_split_file(split_path)[0])
         if found < listed:

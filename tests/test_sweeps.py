@@ -118,6 +118,8 @@ def test_every_trainer_declares_what_sweeps_read(name):
     assert set(cls.RECIPES) <= set(PROTOCOLS) and set(cls.RECIPES_BY_SHOTS) <= set(cls.RECIPES)
     assert set(cls.DEFAULT_IN) <= set(cls.RECIPES)
     assert ("stacked" in cls.RECIPES) <= (cls.PROMPT_SHAPE_KEYS is not None)
+    # Declarations name the trainer's own config node (a subclass re-declares them).
+    assert cls.PROMPT_SHAPE_KEYS is None or cls.PROMPT_SHAPE_KEYS[0] == cls.cfg_key
     # Every recipe it declares is a file, on real data and on the demo.
     for protocol in cls.RECIPES:
         for shots in (None, *cls.RECIPES_BY_SHOTS.get(protocol, {})):

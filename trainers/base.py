@@ -62,6 +62,11 @@ class CLIPTrainer(TrainerX):
         (``TRAINER.<node>.INIT_FROM``); None = it cannot.
     ``NEEDS_DESCRIPTIONS``
         True if a run reads ``llm_descriptions/<dataset>.json`` (the sweep's preflight checks it).
+
+    A trainer that subclasses another inherits these like any attribute: it re-declares those that
+    name the parent's recipe folder or config node (``RECIPES``, ``RECIPES_BY_SHOTS``,
+    ``DEMO_RECIPES``, ``DEFAULT_IN``, ``PROMPT_SHAPE_KEYS``); tests/test_sweeps.py checks every
+    registered trainer's declarations against its files and config node.
     """
 
     cfg_key = ""
