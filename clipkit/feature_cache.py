@@ -224,3 +224,12 @@ class FeatureCache:
             with _locked(path):
                 self._write(path, key, feats, texts)
         return feats, False
+
+
+def views_key(key, augmentation, views):
+    """The key of image rows holding ``views`` augmented views each, side by side ((views * D) wide).
+
+    ``augmentation`` describes the random transform and how each view's randomness is drawn; another
+    augmentation or another number of views is another cache entry.
+    """
+    return dict(key, augmentation=augmentation, views=int(views))
