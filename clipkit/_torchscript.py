@@ -236,5 +236,8 @@ def read_torchscript_state_dict(path):
         if not isinstance(root, _ScriptObject):
             raise Unreadable("its pickled state is not a module")
         state_dict = OrderedDict()
-        _collect(root, archive, prefix, {}, state_dict, "", set())
+        try:
+            _collect(root, archive, prefix, {}, state_dict, "", set())
+        except RecursionError:
+            raise Unreadable("its modules are nested deeper than any model's") from None
     return state_dict
