@@ -68,13 +68,16 @@ _C.DATASET.MODALITY = ""
 # Zero-shot prompt sentence; "{}" is the class name. Empty = the modality's template.
 _C.DATASET.TEMPLATE = ""
 # Descriptions file {classname: [descriptions]}; relative paths start at the project folder.
-# Empty = DESCRIPTIONS_DIR/<name>.json.
+# Empty = DESCRIPTIONS_DIR/<name>.json. Also for catalog datasets: e.g. the original release's
+# templates/ODIR.json (raw keys such as age-related_macular_degeneration match the class names).
 _C.DATASET.DESCRIPTIONS_FILE = ""
 # Images per class sampled for training (few-shot); -1 = all training images.
 _C.DATASET.NUM_SHOTS = -1
 # Which classes to use: all, base (first half of the sorted labels) or new (second half).
 _C.DATASET.SUBSAMPLE_CLASSES = "all"
 # Folder of {classname: [descriptions]} files named <dataset>.json; relative paths start at the project folder.
+# original:<folder> = the original release's templates/ folder, read with its file names
+# (ODIR_3x200 reads ODIR.json, SkinCancer reads Skincancer.json).
 _C.DATASET.DESCRIPTIONS_DIR = "llm_descriptions"
 
 ###########################

@@ -4,6 +4,10 @@
     python scripts/aggregate.py fewshot output/fewshot/demo-clip
     python scripts/aggregate.py crossmodal output/crossmodal/demo-clip/pool-eye
     python scripts/aggregate.py zeroshot output/zeroshot/demo-clip
+    python scripts/aggregate.py base2new output/base2new/pmc-clip --metric macro_f1   # the paper's table
+
+--metric chooses the number every table shows (results.json key, percent): accuracy (default),
+macro_f1, kappa, auc, specificity or ece; base-to-new HM is computed on it.
 
 The runs are those the last sweep on ROOT asked for (ROOT/sweep.json), or without it every
 results.json under ROOT. The method, its kind and every number come from results.json. A row with
@@ -34,6 +38,8 @@ MANIFEST = "sweep.json"
 # Fields without which a results.json is not a finished run.
 REQUIRED = ("trainer", "method", "kind", "dataset", "seed", "identity", "finished")
 KINDS = ("zero-shot", "text-only", "image-trained")
+# Metrics a table can show: results.json keys, in percent (core.evaluation.METRICS).
+METRICS = ("accuracy", "macro_f1", "kappa", "auc", "specificity", "ece")
 
 
 def read_result(folder):
@@ -128,11 +134,11 @@ def fmt(m, sd=None):
 
 def method_order(methods, kinds):
     """Zero-shot first (template, ensemble, descriptions), then text-only, then image-trained methods."""
-    variants = ["(template)", "(ensemble)", "(descriptions)"]
+    variants = ["(template)", "(ensemble)", "(descriptions)", "(80+1 templates)"]
 
     def key(method):
         kind = kinds.get(method)
-        variant = method.rsplit(" ", 1)[-1]
+        variant = "(" + method.rsplit("(", 1)[-1]
         return (KINDS.index(kind) if kind in KINDS else len(KINDS),
                 variants.index(variant) if variant in variants else len(variants), method.lower())
 
@@ -152,14 +158,14 @@ def describe(records, dataset, subsample=None):
 # ---------------------------------------------------------------------------- base-to-new
 
 
-def base2new_summary(records, expected):
-    """Per dataset and method: base, new, HM (mean and std over seeds); plus averages over datasets."""
+def base2new_summary(records, expected, metric="accuracy"):
+    """Per dataset and method: base, new, HM of ``metric`` (mean and std over seeds); plus averages over datasets."""
     runs = defaultdict(lambda: defaultdict(dict))  # (dataset, method) -> seed -> {base, new}
     kinds = {}
     for r in records:
-        if r.get("accuracy") is None or r.get("subsample") not in ("base", "new"):
+        if r.get(metric) is None or r.get("subsample") not in ("base", "new"):
             continue
-        runs[(r["dataset"], r["method"])][r["seed"]][r["subsample"]] = r["accuracy"]
+        runs[(r["dataset"], r["method"])][r["seed"]][r["subsample"]] = r[metric]
         kinds[r["method"]] = r["kind"]
     rows = []
     for (dataset, method), seeds in sorted(runs.items()):
@@ -186,7 +192,7 @@ def base2new_summary(records, expected):
     return rows, averages
 
 
-def base2new_tables(rows, averages, records, context, tablefmt="simple"):
+def base2new_tables(rows, averages, records, context, tablefmt="simple", metric="accuracy"):
     kinds = {r["method"]: r["kind"] for r in rows}
     out = []
     for dataset in sorted({r["dataset"] for r in rows}):
@@ -199,13 +205,13 @@ def base2new_tables(rows, averages, records, context, tablefmt="simple"):
         split = ", ".join(f"{half} {d[1]} images" for half, d in zip(("base", "new"), halves) if d)
         split_name = next((d[0] for d in halves if d), "test")
         out.append(f"{dataset}: base-to-new, {context}, {split_name} split ({split}); "
-                   f"accuracy %, mean ± std over seeds\n"
+                   f"{metric_title(metric)}, mean ± std over seeds\n"
                    + grid(table, ["method", "base", "new", "HM", "seeds"], tablefmt))
     order = method_order([a["method"] for a in averages], kinds)
     averages = sorted(averages, key=lambda a: order.index(a["method"]))
     table = [[a["method"], fmt(a["base"]), fmt(a["new"]), fmt(a["hm_of_averages"]), fmt(a["mean_of_hms"]), a["datasets"]]
              for a in averages]
-    out.append("Average over datasets (HM of the averaged base/new, and mean of per-dataset HMs)\n"
+    out.append(f"Average over datasets, {metric_title(metric)} (HM of the averaged base/new, and mean of per-dataset HMs)\n"
                + grid(table, ["method", "base", "new", "HM(avg)", "mean HM", "datasets"], tablefmt))
     return "\n\n".join(out)
 
@@ -218,36 +224,37 @@ def shots_of(record):
     return max(record.get("num_shots") or 0, 0) if record["kind"] == "image-trained" else 0
 
 
-def fewshot_summary(records, expected):
-    """Accuracy (mean, std over seeds) per dataset, method and shots; average over datasets."""
+def fewshot_summary(records, expected, metric="accuracy"):
+    """``metric`` (mean, std over seeds) per dataset, method and shots; average over datasets.
+    Rows hold the value under the metric's name."""
     runs = defaultdict(list)
     kinds = {}
     for r in records:
-        if r.get("accuracy") is not None:
-            runs[(r["dataset"], r["method"], shots_of(r))].append(r["accuracy"])
+        if r.get(metric) is not None:
+            runs[(r["dataset"], r["method"], shots_of(r))].append(r[metric])
             kinds[r["method"]] = r["kind"]
     rows = []
     for (dataset, method, shots), accs in sorted(runs.items()):
         m, sd = mean_std(accs)
-        rows.append({"dataset": dataset, "method": method, "kind": kinds[method], "shots": shots, "accuracy": m,
+        rows.append({"dataset": dataset, "method": method, "kind": kinds[method], "shots": shots, metric: m,
                      "std": sd, "seeds": len(accs), "seeds_expected": expected(kinds[method])})
     avg = defaultdict(list)
     for r in rows:
-        avg[(r["method"], r["shots"])].append(r["accuracy"])
+        avg[(r["method"], r["shots"])].append(r[metric])
     for (method, shots), accs in sorted(avg.items()):
         rows.append({"dataset": "average", "method": method, "kind": kinds[method], "shots": shots,
-                     "accuracy": mean_std(accs)[0], "std": None, "seeds": None, "seeds_expected": None})
+                     metric: mean_std(accs)[0], "std": None, "seeds": None, "seeds_expected": None})
     return rows
 
 
-def fewshot_cell(row):
-    cell = fmt(row["accuracy"], row["std"])
+def fewshot_cell(row, metric="accuracy"):
+    cell = fmt(row[metric], row["std"])
     if row["seeds"] is not None and row["seeds"] < row["seeds_expected"]:
         cell += f" ({row['seeds']}/{row['seeds_expected']} seeds)"
     return cell
 
 
-def fewshot_tables(rows, records, context, tablefmt="simple"):
+def fewshot_tables(rows, records, context, tablefmt="simple", metric="accuracy"):
     out = []
     kinds = {r["method"]: r["kind"] for r in rows}
     shots = sorted({r["shots"] for r in rows if r["shots"] > 0})
@@ -257,19 +264,19 @@ def fewshot_tables(rows, records, context, tablefmt="simple"):
         methods = method_order({r["method"] for r in items}, kinds)
         table = []
         for method in methods:
-            cells = {r["shots"]: fewshot_cell(r) for r in items if r["method"] == method}
+            cells = {r["shots"]: fewshot_cell(r, metric) for r in items if r["method"] == method}
             if 0 in cells:
                 table.append([method + " (0-shot)", *([cells[0]] * len(shots))])
             else:
                 table.append([method, *[cells.get(k, "-") for k in shots]])
         where = describe(records, dataset)
         split = f", {where[0]} split ({where[1]} images)" if where else ""
-        out.append(f"{dataset}: few-shot, {context}{split}; accuracy %, mean ± std over seeds\n"
+        out.append(f"{dataset}: few-shot, {context}{split}; {metric_title(metric)}, mean ± std over seeds\n"
                    + grid(table, ["method", *[f"{k} shots" for k in shots]], tablefmt))
     return "\n\n".join(out)
 
 
-def fewshot_plot(rows, records, context, path):
+def fewshot_plot(rows, records, context, path, metric="accuracy"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,7 +290,7 @@ def fewshot_plot(rows, records, context, path):
     for ax, dataset in zip(axes[0], datasets):
         items = [r for r in rows if r["dataset"] == dataset]
         for method in method_order({r["method"] for r in items}, kinds):
-            points = sorted((r["shots"], r["accuracy"], r["std"] or 0.0) for r in items if r["method"] == method)
+            points = sorted((r["shots"], r[metric], r["std"] or 0.0) for r in items if r["method"] == method)
             if points and points[0][0] == 0:
                 zero_shot = kinds[method] == "zero-shot"
                 ax.axhline(points[0][1], linestyle="--" if zero_shot else ":", linewidth=1.2,
@@ -301,11 +308,11 @@ def fewshot_plot(rows, records, context, path):
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.minorticks_off()
         ax.set_xlabel("shots per class")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(f"{metric} (%)")
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
     epochs = sorted({(r["method"], r.get("epochs")) for r in records
-                     if r.get("epochs") and r["kind"] != "zero-shot" and r.get("accuracy") is not None})
+                     if r.get("epochs") and r["kind"] != "zero-shot" and r.get(metric) is not None})
     fig.suptitle(f"{context}; shaded: ± std over seeds\nepochs: "
                  + ", ".join(f"{m} {e}" for m, e in epochs), fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -320,26 +327,26 @@ def fewshot_plot(rows, records, context, path):
 # ---------------------------------------------------------------------------- zero-shot / cross-modal
 
 
-def per_dataset_summary(records, expected):
+def per_dataset_summary(records, expected, metric="accuracy"):
     runs = defaultdict(list)
     kinds = {}
     for r in records:
-        if r.get("accuracy") is not None:
-            runs[(r["dataset"], r["method"])].append(r["accuracy"])
+        if r.get(metric) is not None:
+            runs[(r["dataset"], r["method"])].append(r[metric])
             kinds[r["method"]] = r["kind"]
-    return [{"dataset": d, "method": m, "kind": kinds[m], "accuracy": mean_std(a)[0], "std": mean_std(a)[1],
+    return [{"dataset": d, "method": m, "kind": kinds[m], metric: mean_std(a)[0], "std": mean_std(a)[1],
              "seeds": len(a), "seeds_expected": expected(kinds[m])} for (d, m), a in sorted(runs.items())]
 
 
-def per_dataset_table(rows, context, tablefmt="simple"):
+def per_dataset_table(rows, context, tablefmt="simple", metric="accuracy"):
     kinds = {r["method"]: r["kind"] for r in rows}
     methods = method_order({r["method"] for r in rows}, kinds)
     datasets = sorted({r["dataset"] for r in rows})
     cell = {(r["dataset"], r["method"]): r for r in rows}
-    table = [[d, *[fewshot_cell(cell[(d, m)]) if (d, m) in cell else "-" for m in methods]] for d in datasets]
-    averages = [mean_std([cell[(d, m)]["accuracy"] for d in datasets if (d, m) in cell])[0] for m in methods]
+    table = [[d, *[fewshot_cell(cell[(d, m)], metric) if (d, m) in cell else "-" for m in methods]] for d in datasets]
+    averages = [mean_std([cell[(d, m)][metric] for d in datasets if (d, m) in cell])[0] for m in methods]
     table.append(["average", *[fmt(a) for a in averages]])
-    return (f"{context}; accuracy % (mean ± std over seeds)\n"
+    return (f"{context}; {metric_title(metric)} (mean ± std over seeds)\n"
             + grid(table, ["dataset", *methods], tablefmt))
 
 
@@ -369,36 +376,63 @@ def sweep_context(records, manifest):
     return f"backbone {', '.join(backbones) or '?'}, seeds {' '.join(str(s) for s in seeds)}"
 
 
-def report(protocol, root, quiet=False, manifest=None):
-    """Build the protocol's tables from root, write summary files beside the runs, print the table.
+def metric_title(metric):
+    """How tables name the metric they show."""
+    return {"accuracy": "accuracy %", "macro_f1": "macro-F1 %", "kappa": "Cohen's kappa x 100",
+            "auc": "macro-AUC %", "specificity": "macro specificity %", "ece": "ECE % (15 bins, lower is better)"}[metric]
+
+
+def description_context(records):
+    """'; descriptions: <files>' when runs read description files other than the project's own
+    llm_descriptions/ (the original release's templates/, or a DESCRIPTIONS_FILE), else ''."""
+    files = {}
+    for r in records:
+        for item in r.get("description_files") or []:
+            if isinstance(item, dict) and item.get("source") not in (None, "project"):
+                files[item["path"]] = item.get("sha256", "")[:12]
+    if not files:
+        return ""
+    folders = sorted({os.path.dirname(p) for p in files})
+    if len(files) > 3:
+        return f"; descriptions: {len(files)} files in {', '.join(folders)}"
+    return "; descriptions: " + ", ".join(f"{p} (sha256 {h})" for p, h in sorted(files.items()))
+
+
+def report(protocol, root, quiet=False, manifest=None, metric="accuracy"):
+    """Build the protocol's tables of ``metric`` from root, write summary files beside the runs, print the table.
 
     Returns the summary data; its "problems" lists the runs asked for that are missing or broken.
     """
     if manifest is None and os.path.isfile(os.path.join(root, MANIFEST)):
         with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric}; use one of {', '.join(METRICS)}")
     records, problems = collect(root, manifest)
     if not records:
         raise UserError(f"no complete results.json under {root}" + (f" ({len(problems)} broken)" if problems else ""))
     expected = expected_seeds(records, manifest)
-    context = sweep_context(records, manifest)
+    context = sweep_context(records, manifest) + description_context(records)
     if protocol == "base2new":
-        rows, averages = base2new_summary(records, expected)
-        text = base2new_tables(rows, averages, records, context)
-        markdown = base2new_tables(rows, averages, records, context, "github")
+        rows, averages = base2new_summary(records, expected, metric)
+        text = base2new_tables(rows, averages, records, context, metric=metric)
+        markdown = base2new_tables(rows, averages, records, context, "github", metric)
         data = {"per_dataset": rows, "average": averages}
         _write_csv(os.path.join(root, "summary_average.csv"), averages)
     elif protocol == "fewshot":
-        rows = fewshot_summary(records, expected)
-        text, markdown = fewshot_tables(rows, records, context), fewshot_tables(rows, records, context, "github")
+        rows = fewshot_summary(records, expected, metric)
+        text = fewshot_tables(rows, records, context, metric=metric)
+        markdown = fewshot_tables(rows, records, context, "github", metric)
         data = {"rows": rows}
-        fewshot_plot(rows, records, context, os.path.join(root, "fewshot.png"))
+        fewshot_plot(rows, records, context, os.path.join(root, "fewshot.png"), metric)
     elif protocol in ("crossmodal", "zeroshot"):
-        rows = per_dataset_summary(records, expected)
-        text, markdown = per_dataset_table(rows, context), per_dataset_table(rows, context, "github")
+        rows = per_dataset_summary(records, expected, metric)
+        text = per_dataset_table(rows, context, metric=metric)
+        markdown = per_dataset_table(rows, context, "github", metric)
         data = {"rows": rows}
     else:
         raise UserError(f"unknown protocol {protocol}; use base2new, fewshot, crossmodal or zeroshot")
+    data["metric"] = metric
     data["problems"] = problems
     _write_csv(os.path.join(root, "summary.csv"), rows)
     write_json_atomic(os.path.join(root, "summary.json"), data)
@@ -420,12 +454,20 @@ def report(protocol, root, quiet=False, manifest=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    metric = "accuracy"
+    if "--metric" in argv:
+        i = argv.index("--metric")
+        if i + 1 >= len(argv) or argv[i + 1] not in METRICS:
+            print(f"error: --metric needs one of {', '.join(METRICS)}", file=sys.stderr)
+            return 2
+        metric = argv[i + 1]
+        del argv[i:i + 2]
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
     try:
-        data = report(argv[0], argv[1])
+        data = report(argv[0], argv[1], metric=metric)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,9 @@ Settings come from environment variables (defaults in brackets):
   SEEDS     seeds                                             [1 2 3]
   SHOTS     shots for fewshot (and for image-based base2new)  [1 2 4 8 16] / [16]
   OPTS      extra KEY VALUE overrides for every run           []
+  DESCRIPTIONS  descriptions folder of every run: a folder of <dataset>.json, or
+            original:<folder> for the original release's templates/ folder  [llm_descriptions]
+  METRIC    what the tables show: accuracy, macro_f1, kappa, auc, specificity, ece   [accuracy]
   LAUNCHER  local (in this process), local:N (N worker processes, one GPU each when
             CUDA_VISIBLE_DEVICES lists several) or slurm (jobs through submitit)   [local]
   SLURM_PARTITION, SLURM_TIME (minutes), SLURM_GPUS (per job), SLURM_CPUS (per job),
@@ -57,6 +60,9 @@ class Settings:
         self.shots = [int(s) for s in env.get("SHOTS", "1 2 4 8 16").split()]
         self.base2new_shots = int(env.get("SHOTS", "16").split()[-1])
         self.opts = env.get("OPTS", "").split()
+        if env.get("DESCRIPTIONS"):
+            self.opts += ["DATASET.DESCRIPTIONS_DIR", env["DESCRIPTIONS"]]
+        self.metric = env.get("METRIC") or "accuracy"
         self.launcher = env.get("LAUNCHER", "local")
 
 
@@ -96,6 +102,10 @@ def preflight(settings, names):
                 f"dataset {name}: {found}/{listed} images of the {'shipped' if kind == 'shipped' else 'dataset'} split "
                 f"found under {images} (first missing: {first_missing})"
             )
+        folder = dict(zip(settings.opts[::2], settings.opts[1::2])).get("DATASET.DESCRIPTIONS_DIR", "")
+        if folder.startswith("original:") and not os.path.isfile(descriptions_path(name, folder)):
+            problems.append(f"dataset {name}: no file {descriptions_path(name, folder)} in the original release's "
+                            f"folder (DESCRIPTIONS={folder})")
         if entry.declared_in and "MedPromptCLIP" in settings.methods and not os.path.isfile(descriptions_path(name)):
             problems.append(
                 f"dataset {name}: no descriptions file {descriptions_path(name)} for MedPromptCLIP; name one in "
@@ -315,7 +325,7 @@ def zeroshot(settings):
     plan = Plan("zeroshot", settings, os.path.join(settings.output, "zeroshot", settings.backbone.replace("/", "-")))
     seed = settings.seeds[0]  # zero-shot evaluation has no randomness: one run per prompt mode
     for dataset in names:
-        for mode in ("template", "ensemble", "descriptions"):
+        for mode in ("template", "ensemble", "descriptions", "as_published"):
             plan.group([plan.run(f"ZeroShotCLIP {mode} {dataset}", plan.folder(dataset, "ZeroShotCLIP", mode, seed),
                                  [*common(settings, dataset, "ZeroShotCLIP", mode, seed), "--eval-only"])])
     return plan
@@ -440,6 +450,10 @@ def main(argv=None):
         settings = Settings(target)
         lookup(target, settings.data)  # a dataset declared in DATA/<target>/ becomes known by name
         launcher = parse_launcher(settings.launcher)
+        import aggregate
+
+        if settings.metric not in aggregate.METRICS:
+            raise UserError(f"METRIC={settings.metric} is not a metric; use one of {', '.join(aggregate.METRICS)}")
         unknown = [m for m in settings.methods if m not in TRAINER_REGISTRY]
         if unknown:
             raise UserError(f"unknown method(s) in METHODS: {', '.join(unknown)}")
@@ -452,10 +466,8 @@ def main(argv=None):
             status(plan)
             return 0
         ok = execute(plan, launcher)
-        import aggregate
-
         try:
-            data = aggregate.report(protocol, plan.root, manifest=plan.manifest())
+            data = aggregate.report(protocol, plan.root, manifest=plan.manifest(), metric=settings.metric)
         except UserError as e:
             if ok:
                 raise
