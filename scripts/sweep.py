@@ -224,25 +224,31 @@ def base2new(settings):
     for dataset in kept:
         for method in settings.methods:
             kind = kind_of(method)
-            recipe = "base2new"
-            shots = settings.base2new_shots if kind == "image-trained" else 0
-            # Zero-shot evaluation has no randomness: one seed.
-            for seed in settings.seeds[:1] if kind == "zero-shot" else settings.seeds:
-                folder = plan.folder(dataset, method, recipe, seed, shots)
-                base_dir, new_dir = os.path.join(folder, "base"), os.path.join(folder, "new")
-                args = common(settings, dataset, method, recipe, seed)
-                name = f"{method} {dataset} seed {seed}"
-                if kind == "zero-shot":
-                    plan.group([plan.run(f"{name} base", base_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "base"]),
-                                plan.run(f"{name} new", new_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "new"])])
-                    continue
-                shot_args = ["DATASET.NUM_SHOTS", str(shots)] if kind == "image-trained" else []
-                plan.group([
-                    plan.run(f"{name} train base", base_dir, [*args, *shot_args, "DATASET.SUBSAMPLE_CLASSES", "base"]),
-                    plan.run(f"{name} test new", new_dir,
-                             [*args, "--eval-only", "--model-dir", base_dir, "DATASET.SUBSAMPLE_CLASSES", "new"]),
-                ])
+            # Zero-shot CLIP gives two reference rows: the dataset's template and the description ensemble.
+            for recipe in ("template", "descriptions") if method == "ZeroShotCLIP" else ("base2new",):
+                base2new_runs(plan, settings, dataset, method, kind, recipe)
     return plan
+
+
+def base2new_runs(plan, settings, dataset, method, kind, recipe):
+    """The runs of one method (and recipe) on one dataset: base, and new with the base run's prompts."""
+    shots = settings.base2new_shots if kind == "image-trained" else 0
+    # Zero-shot evaluation has no randomness: one seed.
+    for seed in settings.seeds[:1] if kind == "zero-shot" else settings.seeds:
+        folder = plan.folder(dataset, method, recipe, seed, shots)
+        base_dir, new_dir = os.path.join(folder, "base"), os.path.join(folder, "new")
+        args = common(settings, dataset, method, recipe, seed)
+        name = f"{method}{' ' + recipe if kind == 'zero-shot' else ''} {dataset} seed {seed}"
+        if kind == "zero-shot":
+            plan.group([plan.run(f"{name} base", base_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "base"]),
+                        plan.run(f"{name} new", new_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "new"])])
+            continue
+        shot_args = ["DATASET.NUM_SHOTS", str(shots)] if kind == "image-trained" else []
+        plan.group([
+            plan.run(f"{name} train base", base_dir, [*args, *shot_args, "DATASET.SUBSAMPLE_CLASSES", "base"]),
+            plan.run(f"{name} test new", new_dir,
+                     [*args, "--eval-only", "--model-dir", base_dir, "DATASET.SUBSAMPLE_CLASSES", "new"]),
+        ])
 
 
 def stacking_overrides(settings, dataset):
