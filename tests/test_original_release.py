@@ -100,3 +100,20 @@ def test_missing_class_is_one_line_error_and_nothing_written(tmp_path, capsys):
 def test_missing_original_file_is_an_error(tmp_path):
     with pytest.raises(UserError, match="Skincancer.json not found"):
         load_descriptions("SkinCancer", ["x"], f"original:{tmp_path}")
+
+
+def test_tables_name_description_files_other_than_the_projects(tmp_path):
+    from test_sweeps import aggregate, write_result
+
+    root = str(tmp_path / "runs")
+    for subsample in ("base", "new"):
+        path = write_result(root, "A", "MedPromptCLIP", 1, subsample, 50)
+        with open(os.path.join(path, "results.json")) as f:
+            record = json.load(f)
+        record["description_files"] = [{"dataset": "A", "path": "/x/templates/ODIR.json", "sha256": "ab" * 32,
+                                        "source": "original"}]
+        with open(os.path.join(path, "results.json"), "w") as f:
+            json.dump(record, f)
+    aggregate.report("base2new", root, quiet=True)
+    table = open(os.path.join(root, "summary.md")).read()
+    assert "descriptions: /x/templates/ODIR.json (sha256 abababababab)" in table
