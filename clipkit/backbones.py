@@ -49,6 +49,10 @@ ALIASES = {
     # The hub's open_clip_config.json is open_clip's ViT-L-14 (GELU, as it was fine-tuned with open_clip);
     # the same architecture takes pmc_vit_l_14_weights.pt, the file the original instructions name.
     "pmc-clip": {"hub": "hf-hub:ryanyip7777/pmc_vit_l_14", "file_arch": "ViT-L-14"},
+    # PMC-CLIP as the original code builds it (its clip.model.build_model): the same weights in
+    # OpenAI's CLIP with QuickGELU, every weight rounded to fp16 (see round_weights_to_half).
+    "pmc-clip-original": {"hub": "hf-hub:ryanyip7777/pmc_vit_l_14", "file_arch": "ViT-L-14-quickgelu",
+                          "original_build": True},
     "biomedclip": {"hub": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"},
     "vit-b/16": {"arch": "ViT-B-16-quickgelu", "pretrained": "openai"},
     "vit-l/14": {"arch": "ViT-L-14-quickgelu", "pretrained": "openai"},
@@ -212,7 +216,30 @@ def _quiet_create(*args, **kwargs):
         logging.disable(logging.NOTSET)
 
 
-def _build_from_config(display, config_file, weights, cache_dir, device):
+def round_weights_to_half(model):
+    """Round weights through fp16 where the original code's clip.model.convert_weights halves them:
+    convolution and linear weights and biases, attention input projections and biases, and the text and
+    image projections; layer norms, embeddings and the logit scale keep fp32. The model stays fp32."""
+    def rounded(t):
+        t.data = t.data.half().float()
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+            for t in (module.weight, module.bias):
+                if t is not None:
+                    rounded(t)
+        if isinstance(module, torch.nn.MultiheadAttention):
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                         "bias_k", "bias_v"):
+                if getattr(module, name, None) is not None:
+                    rounded(getattr(module, name))
+        for name in ("text_projection", "proj"):
+            t = getattr(module, name, None)
+            if isinstance(t, torch.Tensor):
+                rounded(t)
+
+
+def _build_from_config(display, config_file, weights, cache_dir, device, **create):
     import open_clip
 
     model_cfg, preprocess_cfg = _local_config(config_file)
@@ -229,7 +256,7 @@ def _build_from_config(display, config_file, weights, cache_dir, device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = _quiet_create(arch, device=device, cache_dir=cache_dir, force_preprocess_cfg=preprocess_cfg or None,
-                              pretrained_text=False, **kwargs)
+                              pretrained_text=False, **kwargs, **create)
     if weights:
         _load_weights_file(model, weights, f"backbone '{display}'")
     return model, _tokenizer_for(arch, text_cfg)
@@ -345,7 +372,8 @@ def resolve_spec(name, pretrained=""):
                     )
                 if not os.path.isfile(pretrained):
                     raise UserError(f"MODEL.BACKBONE.PRETRAINED {pretrained} not found; give the path of the weights file")
-                return {"file": os.path.abspath(pretrained), "arch": file_arch}
+                return {"file": os.path.abspath(pretrained), "arch": file_arch,
+                        "original_build": spec.get("original_build", False)}
         elif pretrained:
             spec["pretrained"] = pretrained
         return spec
@@ -479,16 +507,18 @@ def _build_backbone(name, pretrained, cache_dir, device):
 
     spec = check_backbone(name, pretrained, cache_dir)
     cache_dir = cache_dir or None
+    # The original code's build: QuickGELU (the weights-file path has it in its architecture name).
+    create = {"force_quick_gelu": True} if spec.get("original_build") else {}
     try:
         if "config" in spec:
-            model, tokenizer = _build_from_config(name, spec["config"], None, cache_dir, device)
+            model, tokenizer = _build_from_config(name, spec["config"], None, cache_dir, device, **create)
             identity = {"architecture": _local_config(spec["config"])[0]}
             if spec["weights"]:
                 identity.update(_load_weights_file(model, spec["weights"], f"backbone '{name}'"))
         elif "file" in spec:
             model, tokenizer, identity = _build_openai_format(name, spec["file"], spec["arch"], device)
         elif "hub" in spec:
-            model = open_clip.create_model(spec["hub"], device=device, cache_dir=cache_dir)
+            model = open_clip.create_model(spec["hub"], device=device, cache_dir=cache_dir, **create)
             hub_config = _hf_cached(spec["hub"][len("hf-hub:"):], ["open_clip_config.json"], cache_dir)
             hub_text_cfg = _local_config(hub_config)[0].get("text_cfg", {}) if hub_config else {}
             tokenizer = _get_tokenizer(spec["hub"], hub_text_cfg, f"backbone '{name}'", cache_dir=cache_dir)
@@ -544,6 +574,11 @@ def _build_backbone(name, pretrained, cache_dir, device):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if spec.get("original_build"):
+        round_weights_to_half(model)
+        identity["build"] = "original code's: QuickGELU, weights rounded to fp16 as its clip.model.convert_weights"
+        if isinstance(identity.get("architecture"), dict):
+            identity["architecture"] = dict(identity["architecture"], quick_gelu=True)
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     size = pp.get("size", getattr(model.visual, "image_size", 224))
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)

@@ -48,6 +48,12 @@ _C.INPUT.PIXEL_MEAN = ()
 _C.INPUT.PIXEL_STD = ()
 # Scale range of random_resized_crop (fraction of the image area).
 _C.INPUT.RRCROP_SCALE = (0.08, 1.0)
+# brightness_enhancement (a transform name, the original SLO recipe's): after normalization, in
+# training and at test, pixels become alpha * pixel + beta (8-bit, see core.data.BrightnessEnhancement),
+# with probability P per image.
+_C.INPUT.BRIGHTNESS_ALPHA = 1.5
+_C.INPUT.BRIGHTNESS_BETA = 30.0
+_C.INPUT.BRIGHTNESS_P = 0.5
 
 ###########################
 # Dataset
@@ -69,13 +75,16 @@ _C.DATASET.MODALITY = ""
 _C.DATASET.TEMPLATE = ""
 # Descriptions file {classname: [descriptions]}; a relative path in a dataset YAML starts at that file's
 # folder, one given as an override at the project folder.
-# Empty = DESCRIPTIONS_DIR/<name>.json.
+# Empty = DESCRIPTIONS_DIR/<name>.json. Also for catalog datasets: e.g. the original release's
+# templates/ODIR.json (raw keys such as age-related_macular_degeneration match the class names).
 _C.DATASET.DESCRIPTIONS_FILE = ""
 # Images per class sampled for training (few-shot); -1 = all training images.
 _C.DATASET.NUM_SHOTS = -1
 # Which classes to use: all, base (first half of the sorted labels) or new (second half).
 _C.DATASET.SUBSAMPLE_CLASSES = "all"
 # Folder of {classname: [descriptions]} files named <dataset>.json; relative paths start at the project folder.
+# original:<folder> = the original release's templates/ folder, read with its file names
+# (ODIR_3x200 reads ODIR.json, SkinCancer reads Skincancer.json).
 _C.DATASET.DESCRIPTIONS_DIR = "llm_descriptions"
 
 ###########################
@@ -168,6 +177,10 @@ _C.TEST.PER_CLASS_RESULT = False
 _C.TEST.COMPUTE_CMAT = False
 # Skip evaluation after training.
 _C.TEST.NO_TEST = False
+# Test-time fusion with the description ensemble: each class feature becomes the normalized mix
+# (1 - w) * learned-prompt feature + w * mean description feature (DATASET descriptions file).
+# 0 = the learned prompts alone, 1 = the description ensemble alone.
+_C.TEST.FUSE_DESCRIPTIONS = 0.0
 # Split evaluated: test or val.
 _C.TEST.SPLIT = "test"
 # Which weights are evaluated after training: last_step.
@@ -269,6 +282,13 @@ def merge_from_file(cfg, path, _chain=()):
     _merge_mapping(cfg, _nested(row, where), where)
 
 
+def _lookup(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
 def merge_from_list(cfg, opts):
     """Merge trailing ``KEY VALUE`` pairs from the command line."""
     if len(opts) % 2:
@@ -282,6 +302,9 @@ def merge_from_list(cfg, opts):
             node = node[part]
         if not isinstance(node, CN) or parts[-1] not in node:
             raise UserError(f"unknown config key {key}")
+    # A whole number for a real-valued key ("TEST.FUSE_DESCRIPTIONS 1") is that real number.
+    opts = [value + ".0" if i % 2 and isinstance(value, str) and value.strip().lstrip("+-").isdigit()
+            and isinstance(_lookup(cfg, opts[i - 1]), float) else value for i, value in enumerate(opts)]
     try:
         cfg.merge_from_list(list(opts))
     except (ValueError, AssertionError, KeyError) as e:

@@ -239,6 +239,29 @@ INTERPOLATIONS = {
 }
 
 
+class BrightnessEnhancement:
+    """The original code's brightness step, applied after normalization as its SLO recipe orders it.
+
+    The normalized tensor (3, H, W) is read as 8-bit pixels the way its numpy cast does (x 255,
+    truncated, wrapped modulo 256), mapped to round(alpha * pixel + beta) clipped to 0..255 (OpenCV's
+    convertScaleAbs) and divided by 255. The model then sees values in [0, 1], not normalized ones:
+    that is what the published SLO numbers were measured on. Applied with probability ``p``.
+    """
+
+    def __init__(self, alpha, beta, p):
+        self.alpha, self.beta, self.p = float(alpha), float(beta), float(p)
+
+    def __call__(self, img):
+        if self.p < 1 and torch.rand(()).item() >= self.p:
+            return img
+        pixels = torch.remainder(torch.trunc(img * 255).to(torch.int64), 256).to(torch.float64)
+        out = torch.clamp(torch.round(torch.abs(self.alpha * pixels + self.beta)), 0, 255)
+        return (out / 255.0).to(img.dtype)
+
+    def __repr__(self):
+        return f"BrightnessEnhancement(alpha={self.alpha}, beta={self.beta}, p={self.p})"
+
+
 def build_transform(cfg, is_train=True):
     """Dassl's transforms: train = random resized crop, flip, normalize; test = resize, center crop, normalize."""
     if cfg.INPUT.INTERPOLATION not in INTERPOLATIONS:
@@ -256,13 +279,16 @@ def build_transform(cfg, is_train=True):
             f"(got {tuple(cfg.INPUT.PIXEL_MEAN)} and {tuple(cfg.INPUT.PIXEL_STD)})"
         )
     normalize = T.Normalize(mean=list(cfg.INPUT.PIXEL_MEAN), std=list(cfg.INPUT.PIXEL_STD))
-    known = {"random_resized_crop", "random_flip", "center_crop", "normalize"}
+    known = {"random_resized_crop", "random_flip", "center_crop", "normalize", "brightness_enhancement"}
     unknown = [t for t in cfg.INPUT.TRANSFORMS if t not in known]
     if unknown:
         raise UserError(f"unknown INPUT.TRANSFORMS {unknown}; available: {', '.join(sorted(known))}")
+    # The original applies it in training and at test, after normalization.
+    after = [BrightnessEnhancement(cfg.INPUT.BRIGHTNESS_ALPHA, cfg.INPUT.BRIGHTNESS_BETA, cfg.INPUT.BRIGHTNESS_P)] \
+        if "brightness_enhancement" in cfg.INPUT.TRANSFORMS else []
     if not is_train:
         steps = [to_rgb, T.Resize(max(size), interpolation=interp), T.CenterCrop(size), T.ToTensor()]
-        return T.Compose(steps + [normalize])
+        return T.Compose(steps + [normalize] + after)
     steps = [to_rgb]
     if "random_resized_crop" in cfg.INPUT.TRANSFORMS:
         steps.append(T.RandomResizedCrop(size, scale=tuple(cfg.INPUT.RRCROP_SCALE), interpolation=interp))
@@ -273,7 +299,7 @@ def build_transform(cfg, is_train=True):
     steps.append(T.ToTensor())
     if "normalize" in cfg.INPUT.TRANSFORMS:
         steps.append(normalize)
-    return T.Compose(steps)
+    return T.Compose(steps + after)
 
 
 def read_image(path, source=""):

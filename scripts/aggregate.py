@@ -5,6 +5,9 @@
     python scripts/aggregate.py crossmodal output/crossmodal/demo-clip/pool-eye --target eye
     python scripts/aggregate.py zeroshot output/zeroshot/demo-clip/demo
 
+--metric chooses the number every table shows (results.json key, percent): accuracy (default),
+macro_f1, kappa, auc, specificity or ece; base-to-new HM is computed on it.
+
 A sweep writes its summaries per target (the dataset or group it was given) into
 ROOT/<target>/, with the list of runs it asked for (sweep.json). The runs are those of FOLDER/sweep.json
 (FOLDER = ROOT/<target>, or ROOT itself if it holds a sweep.json or is the only target's), or without
@@ -38,8 +41,9 @@ MANIFEST = "sweep.json"
 REQUIRED = ("trainer", "method", "kind", "dataset", "seed", "identity", "finished")
 KINDS = ("zero-shot", "text-only", "image-trained", "feature-based")
 # The metrics of results.json a table can report (--metric); each is a number or None in every record.
-METRICS = ("accuracy", "macro_f1")
-METRIC_LABELS = {"accuracy": "accuracy %", "macro_f1": "macro F1 %"}
+METRICS = ("accuracy", "macro_f1", "kappa", "auc", "specificity", "ece")
+METRIC_LABELS = {"accuracy": "accuracy %", "macro_f1": "macro-F1 %", "kappa": "Cohen's kappa x 100",
+                 "auc": "macro-AUC %", "specificity": "macro specificity %", "ece": "ECE % (15 bins, lower is better)"}
 # Marks a cell trained on fewer images per class than its column says.
 SHORT_MARK = "*"
 
@@ -143,11 +147,11 @@ def fmt(m, sd=None):
 
 def method_order(methods, kinds):
     """Zero-shot first (template, ensemble, descriptions), then text-only, then image-trained methods."""
-    variants = ["(template)", "(ensemble)", "(descriptions)"]
+    variants = ["(template)", "(ensemble)", "(descriptions)", "(80+1 templates)"]
 
     def key(method):
         kind = kinds.get(method)
-        variant = method.rsplit(" ", 1)[-1]
+        variant = "(" + method.rsplit("(", 1)[-1]
         return (KINDS.index(kind) if kind in KINDS else len(KINDS),
                 variants.index(variant) if variant in variants else len(variants), method.lower())
 
@@ -234,7 +238,7 @@ def base2new_summary(records, expected, metric="accuracy"):
     return rows, averages
 
 
-def base2new_tables(rows, averages, records, context, tablefmt="simple"):
+def base2new_tables(rows, averages, records, context, tablefmt="simple", metric="accuracy"):
     kinds = {r["method"]: r["kind"] for r in rows}
     out = []
     for dataset in sorted({r["dataset"] for r in rows}):
@@ -256,7 +260,7 @@ def base2new_tables(rows, averages, records, context, tablefmt="simple"):
     averages = sorted(averages, key=lambda a: order.index(a["method"]))
     table = [[a["method"], fmt(a["base"]), fmt(a["new"]), fmt(a["hm_of_averages"]), fmt(a["mean_of_hms"]), a["datasets"]]
              for a in averages]
-    out.append("Average over datasets (HM of the averaged base/new, and mean of per-dataset HMs)\n"
+    out.append(f"Average over datasets, {metric_label(metric)} (HM of the averaged base/new, and mean of per-dataset HMs)\n"
                + grid(table, ["method", "base", "new", "HM(avg)", "mean HM", "datasets"], tablefmt))
     return "\n\n".join(out)
 
@@ -303,7 +307,7 @@ def fewshot_cell(row):
     return cell
 
 
-def fewshot_tables(rows, records, context, tablefmt="simple"):
+def fewshot_tables(rows, records, context, tablefmt="simple", metric="accuracy"):
     out = []
     kinds = {r["method"]: r["kind"] for r in rows}
     shots = sorted({r["shots"] for r in rows if r["shots"] > 0})
@@ -393,7 +397,7 @@ def per_dataset_summary(records, expected, metric="accuracy"):
             for (d, m), a in sorted(runs.items())]
 
 
-def per_dataset_table(rows, context, tablefmt="simple"):
+def per_dataset_table(rows, context, tablefmt="simple", metric="accuracy"):
     kinds = {r["method"]: r["kind"] for r in rows}
     methods = method_order({r["method"] for r in rows}, kinds)
     datasets = sorted({r["dataset"] for r in rows})
@@ -534,6 +538,22 @@ def with_literature(protocol, rows, text, markdown, metric="accuracy"):
     return text + "\n\n" + plain, markdown + "\n\n" + literature(protocol, rows, "github")[0], data
 
 
+def description_context(records):
+    """'; descriptions: <files>' when runs read description files other than the project's own
+    llm_descriptions/ (the original release's templates/, or a DESCRIPTIONS_FILE), else ''."""
+    files = {}
+    for r in records:
+        for item in r.get("description_files") or []:
+            if isinstance(item, dict) and item.get("source") not in (None, "project"):
+                files[item["path"]] = item.get("sha256", "")[:12]
+    if not files:
+        return ""
+    folders = sorted({os.path.dirname(p) for p in files})
+    if len(files) > 3:
+        return f"; descriptions: {len(files)} files in {', '.join(folders)}"
+    return "; descriptions: " + ", ".join(f"{p} (sha256 {h})" for p, h in sorted(files.items()))
+
+
 def report(protocol, root, quiet=False, manifest=None, metric="accuracy"):
     """Build the protocol's tables of ``metric`` from root, write summary files into root, print the table.
 
@@ -542,11 +562,13 @@ def report(protocol, root, quiet=False, manifest=None, metric="accuracy"):
     if manifest is None and os.path.isfile(os.path.join(root, MANIFEST)):
         with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric}; use one of {', '.join(METRICS)}")
     records, problems = collect(root, manifest)
     if not records:
         raise UserError(f"no complete results.json under {root}" + (f" ({len(problems)} broken)" if problems else ""))
     expected = expected_seeds(records, manifest)
-    context = sweep_context(records, manifest)
+    context = sweep_context(records, manifest) + description_context(records)
     if protocol == "base2new":
         rows, averages = base2new_summary(records, expected, metric)
         text = base2new_tables(rows, averages, records, context)

@@ -23,6 +23,9 @@ Settings come from environment variables (defaults in brackets):
   SHOTS     shots for fewshot (and for image-based base2new)  [1 2 4 8 16] / [16]
   OPTS      extra KEY VALUE overrides for every run           []
   SKIP_UNAVAILABLE  1: as --skip-unavailable                 []
+  DESCRIPTIONS  descriptions folder of every run: a folder of <dataset>.json, or
+            original:<folder> for the original release's templates/ folder  [llm_descriptions]
+  METRIC    what the tables show: accuracy, macro_f1, kappa, auc, specificity, ece   [accuracy]
   LAUNCHER  local (in this process), local:N (N worker processes, one GPU each when
             CUDA_VISIBLE_DEVICES lists several) or slurm (jobs through submitit)   [local]
   SWEEP_SLURM_PARTITION, SWEEP_SLURM_TIME (minutes or [D-]HH:MM:SS), SWEEP_SLURM_GPUS (per job),
@@ -69,6 +72,9 @@ class Settings:
         self.shots = [int(s) for s in env.get("SHOTS", "1 2 4 8 16").split()]
         self.base2new_shots = int(env.get("SHOTS", "16").split()[-1])
         self.opts = env.get("OPTS", "").split()
+        if env.get("DESCRIPTIONS"):
+            self.opts += ["DATASET.DESCRIPTIONS_DIR", env["DESCRIPTIONS"]]
+        self.metric = env.get("METRIC") or "accuracy"
         self.launcher = env.get("LAUNCHER", "local")
         self.skip_unavailable = env.get("SKIP_UNAVAILABLE", "").strip().lower() in ("1", "true", "yes")
         # (dataset, row) pairs that cannot run (preflight fills it; with skip_unavailable they are left out).
@@ -118,10 +124,15 @@ def preflight(settings, names, rows=()):
     from datasets.split_files import (image_folder, image_presence, load_split_file, locate_split, missing_split_message,
                                       outside_message)
     from clipkit.backbones import check_backbone
+    from clipkit.descriptions import descriptions_path
 
     problems = []
+    folder = dict(zip(settings.opts[::2], settings.opts[1::2])).get("DATASET.DESCRIPTIONS_DIR", "")
     for name in names:
         entry = get_entry(name)
+        if folder.startswith("original:") and rows and not os.path.isfile(descriptions_path(name, folder)):
+            problems.append(f"dataset {name}: no file {descriptions_path(name, folder)} in the original release's "
+                            f"folder (DESCRIPTIONS={folder})")
         split_path, kind = locate_split(settings.data, entry)
         images = os.path.join(image_folder(settings.data, entry), "")
         if entry.generated:
@@ -320,34 +331,45 @@ def base2new(settings):
         raise UserError(f"no dataset in {settings.target} has {MIN_CLASSES_BASE2NEW} or more classes")
     from core.data import subsample_classnames
 
-    # MedPromptCLIP trains on the base classes' descriptions (evaluating on new classes reads none).
+    # Methods that read descriptions train on the base classes' (evaluating on new classes reads none); the
+    # ZeroShotCLIP (descriptions) row reads every class's.
     preflight(settings, kept, [needs_descriptions(d, m, subsample_classnames(get_entry(d).classnames, "base"))
-                               for d in kept for m in settings.methods if trainer_of(m).NEEDS_DESCRIPTIONS])
+                               for d in kept for m in settings.methods if trainer_of(m).NEEDS_DESCRIPTIONS]
+              + [needs_descriptions(d, "ZeroShotCLIP (descriptions)", get_entry(d).classnames)
+                 for d in kept if "ZeroShotCLIP" in settings.methods])
     plan = Plan("base2new", settings, os.path.join(settings.output, "base2new", settings.backbone.replace("/", "-")))
     for dataset in kept:
         for method in settings.methods:
             if (dataset, method) in settings.unavailable:
                 continue
             kind = kind_of(method)
-            recipe = "base2new"
-            shots = settings.base2new_shots if uses_shots(kind) else 0
-            # Zero-shot evaluation has no randomness: one seed.
-            for seed in settings.seeds[:1] if kind == "zero-shot" else settings.seeds:
-                folder = plan.folder(dataset, method, recipe, seed, shots)
-                base_dir, new_dir = os.path.join(folder, "base"), os.path.join(folder, "new")
-                args = common(settings, dataset, method, recipe, seed)
-                name = f"{method} {dataset} seed {seed}"
-                if kind == "zero-shot":
-                    plan.group([plan.run(f"{name} base", base_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "base"]),
-                                plan.run(f"{name} new", new_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "new"])])
+            # Zero-shot CLIP gives two reference rows: the dataset's template and the description ensemble.
+            for recipe in ("template", "descriptions") if method == "ZeroShotCLIP" else ("base2new",):
+                if recipe == "descriptions" and (dataset, "ZeroShotCLIP (descriptions)") in settings.unavailable:
                     continue
-                shot_args = ["DATASET.NUM_SHOTS", str(shots)] if uses_shots(kind) else []
-                plan.group([
-                    plan.run(f"{name} train base", base_dir, [*args, *shot_args, "DATASET.SUBSAMPLE_CLASSES", "base"]),
-                    plan.run(f"{name} test new", new_dir,
-                             [*args, "--eval-only", "--model-dir", base_dir, "DATASET.SUBSAMPLE_CLASSES", "new"]),
-                ])
+                base2new_runs(plan, settings, dataset, method, kind, recipe)
     return plan
+
+
+def base2new_runs(plan, settings, dataset, method, kind, recipe):
+    """The runs of one method (and recipe) on one dataset: base, and new with the base run's prompts."""
+    shots = settings.base2new_shots if uses_shots(kind) else 0
+    # Zero-shot evaluation has no randomness: one seed.
+    for seed in settings.seeds[:1] if kind == "zero-shot" else settings.seeds:
+        folder = plan.folder(dataset, method, recipe, seed, shots)
+        base_dir, new_dir = os.path.join(folder, "base"), os.path.join(folder, "new")
+        args = common(settings, dataset, method, recipe, seed)
+        name = f"{method}{' ' + recipe if kind == 'zero-shot' else ''} {dataset} seed {seed}"
+        if kind == "zero-shot":
+            plan.group([plan.run(f"{name} base", base_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "base"]),
+                        plan.run(f"{name} new", new_dir, [*args, "--eval-only", "DATASET.SUBSAMPLE_CLASSES", "new"])])
+            continue
+        shot_args = ["DATASET.NUM_SHOTS", str(shots)] if uses_shots(kind) else []
+        plan.group([
+            plan.run(f"{name} train base", base_dir, [*args, *shot_args, "DATASET.SUBSAMPLE_CLASSES", "base"]),
+            plan.run(f"{name} test new", new_dir,
+                     [*args, "--eval-only", "--model-dir", base_dir, "DATASET.SUBSAMPLE_CLASSES", "new"]),
+        ])
 
 
 def stacking_overrides(settings, dataset, trainer):
@@ -464,7 +486,7 @@ def zeroshot(settings):
     plan = Plan("zeroshot", settings, os.path.join(settings.output, "zeroshot", settings.backbone.replace("/", "-")))
     seed = settings.seeds[0]  # zero-shot evaluation has no randomness: one run per prompt mode
     for dataset in names:
-        for mode in ("template", "ensemble", "descriptions"):
+        for mode in ("template", "ensemble", "descriptions", "as_published"):
             if (dataset, f"ZeroShotCLIP ({mode})") in settings.unavailable:
                 continue
             plan.group([plan.run(f"ZeroShotCLIP {mode} {dataset}", plan.folder(dataset, "ZeroShotCLIP", mode, seed),
@@ -597,6 +619,10 @@ def main(argv=None):
         if not show_status:
             check_launcher(launcher)
         unknown = [m for m in settings.methods if m.removesuffix(STACKED_SUFFIX) not in trainer_names()]
+        import aggregate
+
+        if settings.metric not in aggregate.METRICS:
+            raise UserError(f"METRIC={settings.metric} is not a metric; use one of {', '.join(aggregate.METRICS)}")
         if unknown:
             raise UserError(f"unknown method(s) in METHODS: {', '.join(unknown)}; "
                             f"trainers: {', '.join(trainer_names())}")
@@ -620,10 +646,8 @@ def main(argv=None):
             status(plan)
             return 0
         ok = execute(plan, launcher)
-        import aggregate
-
         try:
-            data = aggregate.report(protocol, plan.summary_dir, manifest=plan.manifest())
+            data = aggregate.report(protocol, plan.summary_dir, manifest=plan.manifest(), metric=settings.metric)
         except UserError as e:
             if ok:
                 raise

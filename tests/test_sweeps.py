@@ -201,13 +201,14 @@ def test_base2new_sweep_reuses_only_matching_complete_runs(tmp_path, demo_root):
     assert first.returncode == 0, first.stderr
     table = table_of(first.stdout)
     assert table.startswith(", backbone tiny-clip, seeds 1 2, test split (base ")
-    for method in ("ZeroShotCLIP (template)", "MedPromptCLIP", "CoOp"):
+    for method in ("ZeroShotCLIP (template)", "ZeroShotCLIP (descriptions)", "MedPromptCLIP", "CoOp"):
         assert f"\n{method} " in table
     assert "Average over datasets" in table
     runs = tmp_path / "base2new" / "tiny-clip" / "demo"
-    # Zero-shot evaluation has no randomness: one seed; the others two seeds, base and new.
-    assert len(list(runs.rglob("results.json"))) == 10
-    assert first.stdout.count("start  ") == 10 and "10/10" in first.stderr  # a line per run, a bar over runs
+    # Zero-shot evaluation has no randomness: one seed (template and descriptions); the others two seeds,
+    # base and new.
+    assert len(list(runs.rglob("results.json"))) == 12
+    assert first.stdout.count("start  ") == 12 and "12/12" in first.stderr  # a line per run, a bar over runs
     tag = sweep.opts_tag(["OPTIM.MAX_EPOCH", "1"])
     recipe = os.path.splitext(os.path.basename(recipe_file("CoOp", "base2new", "demo")))[0]
     coop_base = runs / "shots_16" / "CoOp" / f"{recipe}-{tag}" / "seed1" / "base"
@@ -217,7 +218,7 @@ def test_base2new_sweep_reuses_only_matching_complete_runs(tmp_path, demo_root):
     assert coop["identity"]["config"]["OPTIM"]["MAX_EPOCH"] == 1
 
     second = run_sweep("base2new", "demo", env)
-    assert second.returncode == 0 and second.stdout.count("reused ") == 10 and "start  " not in second.stdout
+    assert second.returncode == 0 and second.stdout.count("reused ") == 12 and "start  " not in second.stdout
     assert table_of(second.stdout) == table
 
     # A results.json cut short is redone (its evaluation on new classes loads the same prompts: reused).
@@ -263,12 +264,12 @@ def test_parallel_and_submitit_launchers_give_the_same_table(tmp_path, demo_root
     slurm = run_sweep("base2new", "demo", dict(env, OUTPUT=str(tmp_path / "slurm"), LAUNCHER="slurm",
                                                SUBMITIT_CLUSTER="local"))
     assert slurm.returncode == 0, slurm.stderr
-    assert slurm.stdout.count("queued ") == 4 and slurm.stdout.count("done   ") == 4
+    assert slurm.stdout.count("queued ") == 6 and slurm.stdout.count("done   ") == 6
     assert table_of(pool.stdout).replace(str(tmp_path / "pool"), "") == table_of(slurm.stdout).replace(
         str(tmp_path / "slurm"), "")
     status = run_sweep("base2new", "demo", dict(env, OUTPUT=str(tmp_path / "slurm"), SEEDS="1 2"), "--status")
     assert status.returncode == 0, status.stderr
-    assert "6 runs: 4 done, 0 running, 0 failed, 2 pending" in status.stdout
+    assert "8 runs: 6 done, 0 running, 0 failed, 2 pending" in status.stdout
     assert "pending  MedPromptCLIP demo seed 2 train base" in status.stdout
 
 

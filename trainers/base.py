@@ -105,6 +105,8 @@ class CLIPTrainer(TrainerX):
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
+        if not 0.0 <= cfg.TEST.FUSE_DESCRIPTIONS <= 1.0:
+            raise UserError(f"TEST.FUSE_DESCRIPTIONS is a weight between 0 and 1, not {cfg.TEST.FUSE_DESCRIPTIONS}")
         node = cfg.TRAINER[self.cfg_key] if self.cfg_key else None
         if node is not None and "PREC" in node and node.PREC not in PRECISIONS:
             raise UserError(f"TRAINER.{self.cfg_key}.PREC must be one of {', '.join(PRECISIONS)}, not '{node.PREC}'")
@@ -227,7 +229,16 @@ class CLIPTrainer(TrainerX):
                     split_sha256=self.dm.dataset.split_sha256,
                     preprocessing={"size": list(cfg.INPUT.SIZE), "mean": list(cfg.INPUT.PIXEL_MEAN),
                                    "std": list(cfg.INPUT.PIXEL_STD), "interpolation": cfg.INPUT.INTERPOLATION,
-                                   "crop": "resize shorter side, center crop", "no_transform": cfg.INPUT.NO_TRANSFORM})
+                                   "crop": "resize shorter side, center crop", "no_transform": cfg.INPUT.NO_TRANSFORM,
+                                   **self.test_transform_key()})
+
+    def test_transform_key(self):
+        """Test-time steps beyond resize, crop and normalization (none for most recipes)."""
+        cfg = self.cfg
+        if "brightness_enhancement" not in cfg.INPUT.TRANSFORMS or cfg.INPUT.NO_TRANSFORM:
+            return {}
+        return {"after_normalize": ["brightness_enhancement", cfg.INPUT.BRIGHTNESS_ALPHA, cfg.INPUT.BRIGHTNESS_BETA,
+                                    cfg.INPUT.BRIGHTNESS_P]}
 
     def feature_width(self):
         """D, the width of the backbone's image and text features (what a feature cache file must hold)."""
@@ -325,8 +336,42 @@ class CLIPTrainer(TrainerX):
         return cache[split]
 
     @torch.no_grad()
+    def description_ensemble(self):
+        """Normalized mean description feature (n_cls, D) of each current class, encoded once per run."""
+        if getattr(self, "_description_ensemble", None) is None:
+            from clipkit.descriptions import descriptions_path, descriptions_source, file_record, load_descriptions
+            from .zsclip import mean_features
+
+            d = self.cfg.DATASET
+            texts = load_descriptions(d.NAME, self.classnames, d.DESCRIPTIONS_DIR, d.DESCRIPTIONS_FILE)
+            self._description_ensemble = mean_features(self.encode_texts([t for g in texts for t in g]), texts)
+            self.run_info["fuse_descriptions"] = {
+                "weight": self.cfg.TEST.FUSE_DESCRIPTIONS,
+                "description_files": [file_record(d.NAME, descriptions_path(d.NAME, d.DESCRIPTIONS_DIR, d.DESCRIPTIONS_FILE),
+                                                  descriptions_source(d.DESCRIPTIONS_DIR, d.DESCRIPTIONS_FILE))]}
+        return self._description_ensemble
+
+    def fuse(self, text):
+        """Class features (n_cls, D), or (batch, n_cls, D) per image, mixed with the description ensemble
+        at test time (TEST.FUSE_DESCRIPTIONS); unchanged in training and at weight 0."""
+        weight = self.cfg.TEST.FUSE_DESCRIPTIONS
+        if weight == 0 or (self.model.training and torch.is_grad_enabled()):  # a training step
+            return text
+        ensemble = self.description_ensemble().to(text.device)
+        if weight == 1:
+            return ensemble.expand_as(text)
+        return F.normalize((1 - weight) * text + weight * ensemble, dim=-1)
+
+    def run_record(self, results, **kwargs):
+        record = super().run_record(results, **kwargs)
+        if self.cfg.TEST.FUSE_DESCRIPTIONS:
+            # Fusion makes another method in tables.
+            record["method"] += f" + descriptions {self.cfg.TEST.FUSE_DESCRIPTIONS:g}"
+        return record
+
+    @torch.no_grad()
     def model_inference(self, images):
-        text = self.class_text_features()
+        text = self.fuse(self.class_text_features())
         return self.logit_scale * self.encode_images(images) @ text.t()
 
     def eval_outputs(self, split, loader):
@@ -335,6 +380,6 @@ class CLIPTrainer(TrainerX):
             return
         feats, labels = self.cached_image_features(split, loader)
         with torch.no_grad():
-            text = self.class_text_features()
+            text = self.fuse(self.class_text_features())
             for start in range(0, len(feats), 4096):
                 yield self.logit_scale * feats[start:start + 4096] @ text.t(), labels[start:start + 4096]

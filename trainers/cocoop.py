@@ -57,5 +57,5 @@ class CoCoOp(ImagePromptTrainer):
         # Every image gets its own prompts for all classes: rows (B * n_cls).
         tokens = self.tokens.select(torch.arange(n_cls, device=self.device).repeat(batch))
         text = self.prompt_learner.text(self.text_encoder, tokens, ctx_bias=bias.repeat_interleave(n_cls, dim=0))
-        text = F.normalize(text.float(), dim=-1).view(batch, n_cls, -1)
+        text = self.fuse(F.normalize(text.float(), dim=-1).view(batch, n_cls, -1))
         return self.logit_scale * torch.einsum("bd,bcd->bc", image_features, text)

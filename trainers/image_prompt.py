@@ -60,7 +60,7 @@ class ImagePromptTrainer(CLIPTrainer):
     def logits(self, images):
         """Logits (batch, n_classes) for images (batch, 3, H, W) and the current classes."""
         image_features = self.normalized_image_features(images, self.vision_prompts())
-        return self.logit_scale * image_features @ self.class_text_features().t()
+        return self.logit_scale * image_features @ self.fuse(self.class_text_features()).t()
 
     def build_text_prompts(self, n_ctx, depth=1, n_ctx_from_words=False, **kwargs):
         """The method's PromptLearner (context from TRAINER.<NAME>.CTX_INIT); sets the class tokens.

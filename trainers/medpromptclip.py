@@ -23,7 +23,7 @@ from core.utils import count_parameters, logger
 from datasets.catalog import get_entry, resolve_target
 
 from .base import CLIPTrainer
-from clipkit.descriptions import descriptions_path, load_descriptions
+from clipkit.descriptions import descriptions_path, descriptions_source, file_record, load_descriptions
 from clipkit.prompt_layer import PromptLearner, PromptTokens, template_prefix
 
 LOSSES = ("l1", "mse")
@@ -46,6 +46,9 @@ def extend_cfg(cfg):
     # Datasets or modality groups whose descriptions are pooled for training (multi-modal);
     # empty = the dataset being trained on (specific-modal and base-to-new).
     cfg.TRAINER.MEDPROMPTCLIP.DESCRIPTION_SOURCES = []
+    # A class without descriptions in its file: error, or skip (train on the other classes' texts, as
+    # the original code did; the context is shared, so the skipped class is still classified).
+    cfg.TRAINER.MEDPROMPTCLIP.MISSING_DESCRIPTIONS = "error"
     # Precision: fp32, amp (autocast) or fp16 (half backbone, CUDA only).
     cfg.TRAINER.MEDPROMPTCLIP.PREC = "fp32"
 
@@ -114,6 +117,8 @@ class MedPromptCLIP(CLIPTrainer):
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
         tcfg = cfg.TRAINER.MEDPROMPTCLIP
+        if tcfg.MISSING_DESCRIPTIONS not in ("error", "skip"):
+            raise UserError(f"TRAINER.MEDPROMPTCLIP.MISSING_DESCRIPTIONS must be error or skip, not '{tcfg.MISSING_DESCRIPTIONS}'")
         if tcfg.LOSS not in LOSSES:
             raise UserError(f"TRAINER.MEDPROMPTCLIP.LOSS must be l1 or mse, not '{tcfg.LOSS}'")
         sources = [s for s in tcfg.DESCRIPTION_SOURCES if s != cfg.DATASET.NAME]
@@ -149,10 +154,21 @@ class MedPromptCLIP(CLIPTrainer):
 
     def build_pairs(self):
         """(n_pairs, 2) tensor of (class row, description row); fills the texts to encode."""
-        rows, descriptions, pairs = [], [], []
+        rows, descriptions, pairs, files, skipped = [], [], [], [], []
+        d = self.cfg.DATASET
+        skip = self.cfg.TRAINER.MEDPROMPTCLIP.MISSING_DESCRIPTIONS == "skip"
         for name, classnames in self.train_sources:
-            per_class = load_descriptions(name, classnames, self.cfg.DATASET.DESCRIPTIONS_DIR)
+            # DESCRIPTIONS_FILE names the trained dataset's file; pooled sources keep theirs.
+            file = d.DESCRIPTIONS_FILE if name == d.NAME else ""
+            per_class = load_descriptions(name, classnames, d.DESCRIPTIONS_DIR, file, allow_missing=skip,
+                                          missing_hint="set TRAINER.MEDPROMPTCLIP.MISSING_DESCRIPTIONS skip to "
+                                                       "train on the others (as the original code did)")
+            files.append(file_record(name, descriptions_path(name, d.DESCRIPTIONS_DIR, file),
+                                     descriptions_source(d.DESCRIPTIONS_DIR, file)))
             for classname, texts in zip(classnames, per_class):
+                if not texts:
+                    skipped.append(classname)
+                    continue
                 row = len(rows)
                 rows.append((name, classname))
                 for text in texts:
@@ -160,9 +176,13 @@ class MedPromptCLIP(CLIPTrainer):
                     descriptions.append(text)
         self.train_rows = rows
         self.train_descriptions = descriptions
-        self.run_info["description_files"] = [
-            descriptions_path(n, self.cfg.DATASET.DESCRIPTIONS_DIR) for n, _ in self.train_sources
-        ]
+        if not pairs:
+            raise UserError(f"no class of {', '.join(n for n, _ in self.train_sources)} has descriptions in "
+                            f"{', '.join(f['path'] for f in files)}; nothing to train on")
+        self.run_info["description_files"] = files
+        if skipped:
+            self.run_info["classes_without_descriptions"] = skipped
+            logger.info(f"classes without descriptions, not trained on: {', '.join(skipped)}")
         self.run_info["train_pairs"] = len(pairs)
         self.run_info["train_classes"] = len(rows)
         logger.info(f"text pairs: {len(pairs)} descriptions of {len(rows)} classes from {len(self.train_sources)} dataset(s)")

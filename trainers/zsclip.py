@@ -11,16 +11,21 @@ from core.utils import logger
 from datasets.catalog import readable_classname
 
 from .base import CLIPTrainer
-from clipkit.descriptions import descriptions_path, load_descriptions
+from clipkit.descriptions import descriptions_path, descriptions_source, file_record, load_descriptions
 
-PROMPT_MODES = ("template", "ensemble", "descriptions")
+PROMPT_MODES = ("template", "ensemble", "descriptions", "imagenet80")
+# The method label of each mode in tables.
+MODE_LABELS = {"template": "template", "ensemble": "ensemble", "descriptions": "descriptions",
+               "imagenet80": "80+1 templates"}
 
 
 def extend_cfg(cfg):
     cfg.TRAINER.ZEROSHOTCLIP = CN()
     # How class prompts are made: template (the dataset's modality template), ensemble
     # (the modality template plus TEMPLATES, features averaged) or descriptions
-    # (llm_descriptions/<dataset>.json, features averaged per class).
+    # (llm_descriptions/<dataset>.json, features averaged per class) or imagenet80 (the 80 ImageNet
+    # templates of CLIP's prompt-engineering notebook plus the modality template, features averaged:
+    # the original code's zero-shot reference).
     cfg.TRAINER.ZEROSHOTCLIP.PROMPT = "template"
     # Extra templates for the ensemble; "{}" is the class name.
     cfg.TRAINER.ZEROSHOTCLIP.TEMPLATES = [
@@ -52,7 +57,7 @@ class ZeroShotCLIP(CLIPTrainer):
         return [cfg.DATASET.NAME] if cfg.TRAINER.ZEROSHOTCLIP.PROMPT == "descriptions" else []
 
     def method_label(self):
-        return f"ZeroShotCLIP ({self.tcfg.PROMPT})"
+        return f"ZeroShotCLIP ({MODE_LABELS[self.tcfg.PROMPT]})"
 
     def check_cfg(self, cfg):
         super().check_cfg(cfg)
@@ -66,10 +71,19 @@ class ZeroShotCLIP(CLIPTrainer):
         mode = self.tcfg.PROMPT
         template = self.dataset_entry.template
         if mode == "descriptions":
-            texts = load_descriptions(self.cfg.DATASET.NAME, self.classnames, self.cfg.DATASET.DESCRIPTIONS_DIR)
-            self.run_info["descriptions_file"] = descriptions_path(self.cfg.DATASET.NAME, self.cfg.DATASET.DESCRIPTIONS_DIR)
+            d = self.cfg.DATASET
+            texts = load_descriptions(d.NAME, self.classnames, d.DESCRIPTIONS_DIR, d.DESCRIPTIONS_FILE)
+            self.run_info["description_files"] = [file_record(
+                d.NAME, descriptions_path(d.NAME, d.DESCRIPTIONS_DIR, d.DESCRIPTIONS_FILE),
+                descriptions_source(d.DESCRIPTIONS_DIR, d.DESCRIPTIONS_FILE))]
             return texts
-        templates = [template] + (list(self.tcfg.TEMPLATES) if mode == "ensemble" else [])
+        if mode == "imagenet80":
+            from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+            # The same 80 templates as the original's list (another order), then the dataset's.
+            templates = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] + [template]
+        else:
+            templates = [template] + (list(self.tcfg.TEMPLATES) if mode == "ensemble" else [])
         for t in templates:
             if "{}" not in t:
                 raise UserError(f"template '{t}' has no '{{}}' for the class name")
