@@ -194,3 +194,31 @@ def test_make_split_refuses_files_linked_from_outside(tmp_path, capsys):
     (data / "Mine" / "c").symlink_to(outside, target_is_directory=True)  # a class folder linked from elsewhere
     assert make_split(["--root", str(data), "--folder", "Mine"]) == 2
     assert "c/x0.png and 3 more" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_pool_worker_ends_on_sigterm_and_the_sweep_says_so(tmp_path, demo_root):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DATA=demo_root, OUTPUT=str(tmp_path), BACKBONE="tiny-clip",
+               SEEDS="1 2", METHODS="CoOp", LAUNCHER="local:2", OPTS="OPTIM.MAX_EPOCH 500")
+    proc = subprocess.Popen([sys.executable, os.path.join(PROJECT_DIR, "scripts", "sweep.py"), "base2new", "demo"],
+                            cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        for line in proc.stdout:
+            if line.startswith("start  "):
+                break
+        workers = [p for p in children(proc.pid) if is_pool_worker(p)]
+        assert len(workers) == 2
+        time.sleep(1)
+        os.kill(workers[0], signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("error: a worker process of the sweep stopped")
+        assert not [p for p in workers if alive(p)] and not list(tmp_path.rglob("run.lock"))
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
