@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from conftest import DEMO_CFG, assert_close, read_results, recipe, run_train
 from core.engine import TRAINER_REGISTRY
+from core.errors import UserError
 
 BACKBONE = "tiny-clip"
 WIDTH = 64  # tiny-clip's text and vision width
@@ -255,3 +256,20 @@ def test_original_ivlp_and_cocoop_tensors_map(backbones, demo_root, tmp_path):
     assert trainer.run_info["original_checkpoint"]["method"] == "CoCoOp"
     assert torch.equal(trainer.prompt_learner.meta_net[2].weight.detach(), cocoop["meta_net.linear2.weight"])
     assert torch.equal(trainer.prompt_learner.text.ctx.detach(), cocoop["ctx"])
+
+
+@pytest.mark.parametrize("frozen", ["another backbone", "none saved"])
+def test_stacking_on_original_prompts_checks_their_frozen_clip(frozen, backbones, demo_root, tmp_path):
+    state = medpromptclip_state(backbones)
+    keep = ("prompt_learner.ctx", "VPT_shallow")
+    if frozen == "another backbone":
+        state = {k: v if any(part in k for part in keep) else v + 1 for k, v in state.items()}
+        message = "the frozen CLIP saved in .* is not backbone tiny-clip"
+    else:
+        state = {k: v for k, v in state.items() if any(part in k for part in keep)}
+        message = "holds no frozen CLIP to tell which backbone"
+    run = tmp_path / "original"
+    dassl_save(run, "VLPromptLearner", state)
+    with pytest.raises(UserError, match=message) as info:
+        build("CoOp", "stacked", demo_root, tmp_path / "build", "--init-from", run)
+    assert "\n" not in str(info.value)
