@@ -35,8 +35,8 @@ def own_split_path(root, entry):
 
 def missing_split_message(root, entry, option):
     """What to do when a dataset has no split: fetch the published one (if its row says where) or make one."""
-    make = (f"sort its images into {os.path.join(image_folder(root, entry), '<class>', '')} and run "
-            f"python -m datasets.make_split --root {root} {option}")
+    make = (f"put its images in one folder per class, {os.path.join(image_folder(root, entry), '<class>', '')}, "
+            f"and run python -m datasets.make_split --root {root} {option}")
     if entry.split_hint:
         return (f"no split for {entry.name}: {entry.split_hint.format(path=own_split_path(root, entry))}; "
                 f"or {make} (a split of its own, not the published one)")

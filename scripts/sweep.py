@@ -333,6 +333,9 @@ def fewshot(settings):
                     f"{SOURCE_TRAINER} {dataset} seed {seed} ({' '.join(reshape)})", source,
                     [*common(settings, dataset, SOURCE_TRAINER, "fewshot", seed), "TEST.NO_TEST", "True", *reshape])])
             for method in plain:
+                if kind_of(method) == "text-only" and method != SOURCE_TRAINER:
+                    plan.group([plan.run(f"{method} {dataset} seed {seed}", plan.folder(dataset, method, "fewshot", seed),
+                                         common(settings, dataset, method, "fewshot", seed))])
                 if not uses_shots(kind_of(method)):
                     continue
                 for shots in settings.shots:
