@@ -18,6 +18,8 @@ must give the same accuracy. Settings:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -37,7 +39,9 @@ SETTINGS = {
 
 
 def one_run(method, root, out, cache, backbone, opts):
-    trainer = build_trainer(method, "demo", root, out, backbone, *opts, extra_args=("--feature-cache", cache))
+    # The run's log goes to its log.txt; this script prints only its table.
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = build_trainer(method, "demo", root, out, backbone, *opts, extra_args=("--feature-cache", cache))
     logging.getLogger("medpromptclip").setLevel(logging.WARNING)
     with Timer() as t:
         trainer.train()

@@ -22,7 +22,7 @@ from core.utils import logger
 from datasets.catalog import readable_classname
 
 from clipkit.feature_cache import views_key
-from .base import CLIPTrainer
+from .base import CLIPTrainer, file_stamp
 
 # How each view's randomness is drawn (part of the cache key: change it when the drawing changes).
 VIEW_SEEDING = "torch.manual_seed(int(sha256(relative path NUL view)[:16], 16) >> 1) around the train transform"
@@ -150,6 +150,8 @@ class FeatureTrainer(CLIPTrainer):
         labels = torch.tensor([d.label for d in data], dtype=torch.long, device=self.device)
         folder = os.path.abspath(self.dm.dataset.image_dir)
         names = [os.path.relpath(os.path.abspath(d.impath), folder) for d in data]
+        # Size and modification time too: an image changed under the same split is encoded again.
+        stamped = [[name, *file_stamp(d.impath)] for name, d in zip(names, data)]
         size, interp = max(self.cfg.INPUT.SIZE), self.cfg.INPUT.INTERPOLATION
 
         def encode(indices):
@@ -169,7 +171,7 @@ class FeatureTrainer(CLIPTrainer):
             flat, encoded = encode(list(range(len(data)))), len(data)
         else:
             key = views_key(self.image_cache_key("train"), self.augmentation(), views)
-            flat, encoded = store.image_features(key, names, encode)
+            flat, encoded = store.image_features(key, stamped, encode, views * self.feature_width())
             self.run_info["feature_cache"]["train_views"] = {
                 "images": "hit" if encoded == 0 else ("miss" if encoded == len(names) else "partial"),
                 "views": views, "encoded": encoded * views, "from_cache": (len(names) - encoded) * views}
