@@ -77,7 +77,7 @@ def load_descriptions(dataset, classnames, descriptions_dir="llm_descriptions", 
     """
     path = descriptions_path(dataset, descriptions_dir, descriptions_file)
     if path.endswith(".py"):
-        return load_biomedcoop_prompts(path, classnames)
+        return load_biomedcoop_prompts(path, classnames, allow_missing=allow_missing, missing_hint=missing_hint)
     if not os.path.isfile(path):
         declared = DECLARED.get(dataset)
         if descriptions_file:
