@@ -71,7 +71,8 @@ def float_tolerance(reference, ulps=64):
     the reference's dtype at the largest magnitude it holds. Summation order differs between CPUs (AVX2,
     AVX-512) and between CPU and GPU kernels; the error scales with the dtype's eps and the values' size."""
     scale = float(reference.detach().abs().max()) if reference.numel() else 0.0
-    return ulps * torch.finfo(reference.dtype).eps * max(scale, 1.0)
+    info = torch.finfo(reference.dtype)
+    return ulps * info.eps * max(scale, info.tiny)
 
 
 def assert_close(actual, reference, ulps=64):
