@@ -642,8 +642,12 @@ def summary_folder(root, target=""):
 def build_parser():
     import argparse
 
-    p = argparse.ArgumentParser(prog="python scripts/aggregate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, not the usage block
+            self.exit(2, f"error: {message}; see python scripts/aggregate.py --help\n")
+
+    p = Parser(prog="python scripts/aggregate.py", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("protocol", choices=PROTOCOLS, help="the sweep's protocol")
     p.add_argument("root", help="the sweep's output folder, OUTPUT/<protocol>/<backbone> (crossmodal: .../pool-<POOL>)")
     p.add_argument("--target", "--dataset", dest="target", default="",

@@ -294,10 +294,12 @@ def test_a_failing_run_is_reported_and_shown_by_status(tmp_path, demo_root):
            "OPTS": "TRAINER.ZEROSHOTCLIP.PROMPT bogus"}
     proc = run_sweep("base2new", "demo", env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "FAILED ZeroShotCLIP demo seed 1 base: TRAINER.ZEROSHOTCLIP.PROMPT must be one of" in proc.stdout
-    assert "FAILED ZeroShotCLIP demo seed 1 new: not run: ZeroShotCLIP demo seed 1 base failed" in proc.stdout
+    for mode in ("template", "descriptions"):  # base-to-new ZeroShotCLIP rows
+        assert f"FAILED ZeroShotCLIP {mode} demo seed 1 base: TRAINER.ZEROSHOTCLIP.PROMPT must be one of" in proc.stdout
+        assert (f"FAILED ZeroShotCLIP {mode} demo seed 1 new: not run: ZeroShotCLIP {mode} demo seed 1 base failed"
+                in proc.stdout)
     status = run_sweep("base2new", "demo", env, "--status")
-    assert "2 runs: 0 done, 0 running, 1 failed, 1 pending" in status.stdout
+    assert "4 runs: 0 done, 0 running, 2 failed, 2 pending" in status.stdout
 
 
 def test_unknown_target_and_method(tmp_path):
@@ -351,7 +353,7 @@ def test_aggregate_options_and_any_metric_of_results_json(tmp_path):
     data = aggregate.report("base2new", root, quiet=True, metric="macro_f1")
     row = data["per_dataset"][0]
     assert (row["base"], row["new"]) == (40, 20) and row["hm"] == pytest.approx(2 * 40 * 20 / 60)
-    assert "macro F1 %" in (tmp_path / "A-sweep" / "summary.md").read_text()
+    assert "macro-F1 %" in (tmp_path / "A-sweep" / "summary.md").read_text()
     proc = subprocess.run([sys.executable, os.path.join(PROJECT_DIR, "scripts", "aggregate.py"), "base2new", root,
                            "--metric", "macro_f1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "26.7" in proc.stdout  # HM of 40 and 20
