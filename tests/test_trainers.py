@@ -178,3 +178,31 @@ def test_stacking_needs_a_medpromptclip_run(demo_root, tmp_path, capsys):
                           "--config-file", recipe("CoOp", "stacked"), "--output-dir", tmp_path / "x",
                           "--init-from", coop, "DATASET.NUM_SHOTS", "1", capsys=capsys)
     assert code == 2 and "is a CoOp run; give a MedPromptCLIP output folder" in err
+
+
+def test_as_published_fewshot_run_is_evaluated_with_its_fine_tuned_encoder(demo_root, tmp_path, capsys):
+    """The original few-shot mode: its checkpoint carries the trained encoder; --model-dir evaluation reuses it."""
+    common = ["--root", demo_root, "--trainer", "IVLP", "--dataset-config-file", DEMO_CFG]
+    out = tmp_path / "run"
+    code, err = run_train(*common, "--config-file", recipe("IVLP", "as_published_fewshot"), "--output-dir", out,
+                          "--seed", "1", "DATASET.NUM_SHOTS", "1", "OPTIM.MAX_EPOCH", "2", "OPTIM.LR", "1e-3", capsys=capsys)
+    assert code == 0, err
+    trained = read_results(out)
+    assert trained["method"] == "IVLP (fine-tuned image encoder + token embedding)"
+    saved = torch.load(out / "prompt_learner" / "model.pth.tar-2", weights_only=True)["state_dict"]
+    assert any(k.startswith("image_tower.") for k in saved) and any(k.startswith("token_embedding.") for k in saved)
+
+    again = tmp_path / "eval"
+    code, err = run_train(*common, "--config-file", recipe("IVLP", "as_published_fewshot"), "--output-dir", again,
+                          "--eval-only", "--model-dir", out, "DATASET.NUM_SHOTS", "1", capsys=capsys)
+    assert code == 0, err
+    evaluated = read_results(again)
+    for key in ("accuracy", "macro_f1", "confusion_matrix"):
+        assert evaluated[key] == trained[key]
+
+    # A prompts-only recipe cannot take these weights: one line, no results.
+    wrong = tmp_path / "wrong"
+    code, err = run_train(*common, "--config-file", recipe("IVLP", "stacked"), "--output-dir", wrong,
+                          "--eval-only", "--model-dir", out, "DATASET.NUM_SHOTS", "1", capsys=capsys)
+    assert code == 2 and "FINETUNE_IMAGE_ENCODER True in the checkpoint" in err
+    assert not (wrong / "results.json").exists()
