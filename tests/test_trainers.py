@@ -12,12 +12,12 @@ from core.engine import TRAINER_REGISTRY, trainable_state_dict
 RECIPES = {"ZeroShotCLIP": "template", "MedPromptCLIP": "base2new", "BiomedCoOp": "demo"}
 
 
-def build(name, backbone, demo_root, out, *opts):
+def build(name, backbone, demo_root, out, *opts, recipe_name=None):
     import train
 
     args = train.build_parser().parse_args([
         "--root", demo_root, "--trainer", name, "--dataset-config-file", DEMO_CFG,
-        "--config-file", recipe(name, RECIPES.get(name, "base2new")), "--output-dir", str(out), "--seed", "1",
+        "--config-file", recipe(name, recipe_name or RECIPES.get(name, "base2new")), "--output-dir", str(out), "--seed", "1",
         "MODEL.BACKBONE.NAME", backbone, "DATASET.NUM_SHOTS", "2", "DATASET.SUBSAMPLE_CLASSES", "base",
         "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DEVICE", "cpu", *opts,
     ])
@@ -28,6 +28,11 @@ def build(name, backbone, demo_root, out, *opts):
 ALL = TRAINER_REGISTRY.registered_names()
 # Prompt learners and zero-shot CLIP; the feature-based trainers learn no prompt (tests/test_feature_trainers.py).
 PROMPT_TRAINERS = [n for n in ALL if TRAINER_REGISTRY.get(n).KIND != "feature-based"]
+# The one opt-in recipe that also trains backbone weights (the original code's few-shot mode), and exactly
+# which backbone tensors it may change: the image tower and the token embedding of either text tower kind.
+BACKBONE_TRAINING = {("IVLP", "as_published_fewshot"): ("visual.", "token_embedding.", "text.token_embedding.",
+                                                         "text.transformer.embeddings.word_embeddings.")}
+CASES = [(n, None) for n in PROMPT_TRAINERS] + list(BACKBONE_TRAINING)
 
 
 def test_registry_holds_every_method():
@@ -37,11 +42,13 @@ def test_registry_holds_every_method():
 
 
 @pytest.mark.parametrize("backbone", TINY_BACKBONES)
-@pytest.mark.parametrize("name", PROMPT_TRAINERS)
-def test_trainer_step_changes_only_its_prompts(name, backbone, demo_root, tmp_path):
+@pytest.mark.parametrize("name,recipe_name", CASES, ids=[n + (f"-{r}" if r else "") for n, r in CASES])
+def test_trainer_step_changes_only_its_prompts(name, recipe_name, backbone, demo_root, tmp_path):
     torch.manual_seed(0)
+    trained = BACKBONE_TRAINING.get((name, recipe_name), ())
     # A learning rate large enough that every update is visible in float32.
-    trainer = build(name, backbone, demo_root, tmp_path, "OPTIM.WARMUP_EPOCH", "0", "OPTIM.LR", "0.05")
+    trainer = build(name, backbone, demo_root, tmp_path, "OPTIM.WARMUP_EPOCH", "0", "OPTIM.LR", "0.05",
+                    recipe_name=recipe_name)
     frozen = {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}
     images = torch.randn(3, 3, *trainer.backbone.image_size)
     logits = trainer.model_inference(images)
@@ -66,14 +73,20 @@ def test_trainer_step_changes_only_its_prompts(name, backbone, demo_root, tmp_pa
     assert stuck == [], f"parameters with a gradient that did not move: {stuck}"
     context = [k for k in after if k.endswith("ctx") or ".ctx" in k]
     assert context and all(not torch.equal(after[k], learnable[k]) for k in context)
-    for k, v in trainer.backbone.model.state_dict().items():
-        assert torch.equal(v, frozen[k]), f"frozen weight {k} changed"
+    changed = {k for k, v in trainer.backbone.model.state_dict().items() if not torch.equal(v, frozen[k])}
+    assert not {k for k in changed if not k.startswith(trained)}, f"frozen weights changed: {sorted(changed)[:5]}"
+    if trained:
+        # Both trained parts moved: the image tower's weights and the token embedding.
+        assert any(k.startswith("visual.") for k in changed)
+        assert any(k.startswith(trained[1:]) for k in changed)
 
     # save / load round trip into a fresh trainer
     trainer.save_model(0, str(tmp_path / "ckpt"))
-    saved = torch.load(tmp_path / "ckpt" / "prompt_learner" / "model.pth.tar-1", weights_only=False)["state_dict"]
+    saved = torch.load(tmp_path / "ckpt" / "prompt_learner" / "model.pth.tar-1", weights_only=True)["state_dict"]
     assert set(saved) == set(after)
-    fresh = build(name, backbone, demo_root, tmp_path / "fresh")
+    fresh = build(name, backbone, demo_root, tmp_path / "fresh", recipe_name=recipe_name)
+    if trained:  # a fresh backbone: only the checkpoint can give it the fine-tuned weights
+        assert not torch.equal(fresh.backbone.model.state_dict()[min(changed)], trainer.backbone.model.state_dict()[min(changed)])
     fresh.load_model(str(tmp_path / "ckpt"))
     for k, v in trainable_state_dict(fresh.prompt_learner).items():
         assert torch.equal(v, after[k])
@@ -81,6 +94,8 @@ def test_trainer_step_changes_only_its_prompts(name, backbone, demo_root, tmp_pa
     images = torch.randn(2, 3, *trainer.backbone.image_size)
     trainer.set_model_mode("eval")
     assert_close(fresh.model_inference(images), trainer.model_inference(images))
+    for k in changed:
+        assert torch.equal(fresh.backbone.model.state_dict()[k].cpu(), trainer.backbone.model.state_dict()[k].cpu())
 
 
 @pytest.mark.parametrize("name", ["CoOp", "IVLP", "MaPLe"])
@@ -163,3 +178,31 @@ def test_stacking_needs_a_medpromptclip_run(demo_root, tmp_path, capsys):
                           "--config-file", recipe("CoOp", "stacked"), "--output-dir", tmp_path / "x",
                           "--init-from", coop, "DATASET.NUM_SHOTS", "1", capsys=capsys)
     assert code == 2 and "is a CoOp run; give a MedPromptCLIP output folder" in err
+
+
+def test_as_published_fewshot_run_is_evaluated_with_its_fine_tuned_encoder(demo_root, tmp_path, capsys):
+    """The original few-shot mode: its checkpoint carries the trained encoder; --model-dir evaluation reuses it."""
+    common = ["--root", demo_root, "--trainer", "IVLP", "--dataset-config-file", DEMO_CFG]
+    out = tmp_path / "run"
+    code, err = run_train(*common, "--config-file", recipe("IVLP", "as_published_fewshot"), "--output-dir", out,
+                          "--seed", "1", "DATASET.NUM_SHOTS", "1", "OPTIM.MAX_EPOCH", "2", "OPTIM.LR", "1e-3", capsys=capsys)
+    assert code == 0, err
+    trained = read_results(out)
+    assert trained["method"] == "IVLP (fine-tuned image encoder + token embedding)"
+    saved = torch.load(out / "prompt_learner" / "model.pth.tar-2", weights_only=True)["state_dict"]
+    assert any(k.startswith("image_tower.") for k in saved) and any(k.startswith("token_embedding.") for k in saved)
+
+    again = tmp_path / "eval"
+    code, err = run_train(*common, "--config-file", recipe("IVLP", "as_published_fewshot"), "--output-dir", again,
+                          "--eval-only", "--model-dir", out, "DATASET.NUM_SHOTS", "1", capsys=capsys)
+    assert code == 0, err
+    evaluated = read_results(again)
+    for key in ("accuracy", "macro_f1", "confusion_matrix"):
+        assert evaluated[key] == trained[key]
+
+    # A prompts-only recipe cannot take these weights: one line, no results.
+    wrong = tmp_path / "wrong"
+    code, err = run_train(*common, "--config-file", recipe("IVLP", "stacked"), "--output-dir", wrong,
+                          "--eval-only", "--model-dir", out, "DATASET.NUM_SHOTS", "1", capsys=capsys)
+    assert code == 2 and "FINETUNE_IMAGE_ENCODER True in the checkpoint" in err
+    assert not (wrong / "results.json").exists()
