@@ -67,3 +67,47 @@ class Timer:
     def __exit__(self, *exc):
         self.sync()
         self.seconds = time.perf_counter() - self.start
+
+
+def rss_bytes():
+    """Resident memory of this process (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory a block uses above what was in use when it started: torch.cuda.max_memory_allocated on
+    CUDA, else the resident memory sampled every millisecond by a thread. ``device``: the torch device."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        import threading
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        self.before_rss, self.peak, self.stop = rss_bytes(), 0, threading.Event()
+
+        def sample():
+            while not self.stop.is_set():
+                self.peak = max(self.peak, rss_bytes())
+                time.sleep(0.001)
+
+        self.sampler = threading.Thread(target=sample, daemon=True)
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.stop.set()
+        self.sampler.join()
+        self.bytes = (torch.cuda.max_memory_allocated() - self.before if self.cuda
+                      else max(self.peak, rss_bytes()) - self.before_rss)

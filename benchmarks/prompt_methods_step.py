@@ -22,20 +22,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _shapes  # noqa: E402
-from _common import build_trainer, demo_root, write_descriptions  # noqa: E402
+from _common import PeakMemory, build_trainer, demo_root, write_descriptions  # noqa: E402
 
 METHODS = ("CoOp", "KgCoOp", "ProGrad", "BiomedCoOp")
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def child(method, backbone, batch_size, steps, work):
@@ -63,31 +57,15 @@ def child(method, backbone, batch_size, steps, work):
     batches = iter(trainer.train_loader_x)
     batch = next(batches)
     trainer.forward_backward(batch)  # warm-up
-    cuda = trainer.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    before_rss, peak, stop = rss_bytes(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.forward_backward(batch)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    stop.set()
-    sampler.join()
-    used = torch.cuda.max_memory_allocated() - before if cuda else max(peak[0], rss_bytes()) - before_rss
+    with PeakMemory(trainer.device) as memory:
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.forward_backward(batch)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / steps
     print(json.dumps({"method": method, "batch": len(batch["label"]), "build_s": built, "step_s": seconds,
-                      "peak_bytes": used, "device": _shapes.device_name()}))
+                      "peak_bytes": memory.bytes, "device": _shapes.device_name()}))
 
 
 # BiomedCoOp's benchmark: training images per class (published splits; OCTMNIST from its documentation).

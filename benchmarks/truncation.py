@@ -18,26 +18,18 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _shapes  # noqa: E402
-from _common import Timer, build_trainer, demo_root, write_descriptions  # noqa: E402
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from _common import PeakMemory, Timer, build_trainer, demo_root, write_descriptions  # noqa: E402
 
 
 def memory_child(truncate, work):
     """One MedPromptCLIP epoch on the BERT tower; prints the peak memory above the built model as JSON."""
     import functools
     import logging
-
-    import torch
 
     from clipkit.prompt_layer import TextEncoder
 
@@ -51,28 +43,12 @@ def memory_child(truncate, work):
                             "DATALOADER.TRAIN_X.BATCH_SIZE", "256", "OPTIM.MAX_EPOCH", "1", "TRAIN.PRINT_FREQ", "1000")
     logging.getLogger("medpromptclip").setLevel(logging.WARNING)
     trainer.max_epoch = 1
-    cuda = trainer.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    before_rss, peak, stop = rss_bytes(), [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     start = time.perf_counter()
-    trainer.before_train()
-    trainer.run_epoch()
+    with PeakMemory(trainer.device) as memory:
+        trainer.before_train()
+        trainer.run_epoch()
     seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    used = torch.cuda.max_memory_allocated() - before if cuda else max(peak[0], rss_bytes()) - before_rss
-    print(json.dumps({"bytes": used, "seconds": seconds, "pairs": len(trainer.train_loader_x.pairs)}))
+    print(json.dumps({"bytes": memory.bytes, "seconds": seconds, "pairs": len(trainer.train_loader_x.pairs)}))
 
 
 def time_prompts(name, repeats):
